@@ -1,0 +1,215 @@
+"""Typed, validated run configuration loaded from YAML.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo or an impossible
+value is a `ConfigError` naming the key path and what is allowed, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_runtime.data.catalog import CATALOG
+from edge_runtime.errors import ConfigError
+
+DatasetName = Literal["digits", "cifar10", "mnist", "fashion_mnist", "tinyimagenet", "image_folder"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    """The in-distribution data set and which of its classes is held out as the novel one."""
+
+    dataset: DatasetName = "digits"
+    path: str | None = Field(None, description="tarball, directory or IDX folder; default from the catalog")
+    novel_class: str | None = Field(None, description="class held out of training; None keeps every class known")
+    calibration_holdout: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of known training images held back")
+    limit_per_class: int | None = Field(None, gt=0, description="cap on training images per class (quick runs)")
+    cache_dir: str = ".cache/edge_runtime"
+
+    @model_validator(mode="after")
+    def _novel_class_exists(self) -> "DataConfig":
+        classes = CATALOG[self.dataset].classes
+        if self.novel_class is not None and classes is not None and self.novel_class not in classes:
+            raise ValueError(f"novel_class {self.novel_class!r} is not a class of {self.dataset}; allowed: {', '.join(classes)}")
+        return self
+
+
+class OODSetConfig(_Section):
+    """A data set used only as novel inputs at evaluation time."""
+
+    dataset: DatasetName
+    path: str | None = None
+    split: str = "test"
+    limit: int | None = Field(None, gt=0)
+
+
+class ModelConfig(_Section):
+    """The frozen classifier's architecture and the input geometry it expects."""
+
+    arch: Literal["small_cnn", "resnet18", "resnet34", "fastnet", "custom"] = "small_cnn"
+    input_size: int = Field(8, ge=4, le=512)
+    in_channels: Literal[1, 3] = 1
+    width: int = Field(32, gt=0, le=1024)
+    factory: str | None = Field(None, description="'package.module:function' building a custom nn.Module")
+    final_layer: str = Field("fc", description="attribute path of the final nn.Linear inside the model")
+
+    @model_validator(mode="after")
+    def _custom_needs_factory(self) -> "ModelConfig":
+        if self.arch == "custom" and not self.factory:
+            raise ValueError("arch 'custom' needs factory: 'package.module:function'")
+        if self.factory and self.arch != "custom":
+            raise ValueError("factory is only used with arch 'custom'")
+        return self
+
+
+class TrainConfig(_Section):
+    """Recipe for training the frozen (IDD) classifier."""
+
+    epochs: int = Field(20, gt=0, le=10_000)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    flip: bool = True
+    translate: int = Field(2, ge=0, le=16)
+    amp: bool = True
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    tta: bool = True
+
+
+class BinaryHeadConfig(_Section):
+    """The self-supervised IDD/OOD classifier trained on pseudo-labels (paper defaults)."""
+
+    arch: Literal["paper_cnn", "feature_head"] = "paper_cnn"
+    epochs: int = Field(500, gt=0)
+    lr: float = Field(2e-4, gt=0.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    pseudo_label_fraction: float = Field(0.25, gt=0.0, le=0.5)
+
+
+class DetectorConfig(_Section):
+    """Which novelty detector runs and how its IDD statistics are fitted."""
+
+    name: Literal["grad_mahalanobis", "msp", "energy", "feature_mahalanobis", "knn"] = "grad_mahalanobis"
+    site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
+    projection_dim: int = Field(4096, gt=0, description="random projection size for deep gradient sites")
+    shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
+    ridge: float = Field(1e-3, ge=0.0)
+    knn_k: int = Field(50, gt=0)
+    target_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
+    binary: BinaryHeadConfig = BinaryHeadConfig()
+
+
+class MemoryConfig(_Section):
+    """Rehearsal memory of known-IDD samples under a hard budget."""
+
+    budget: int = Field(500, gt=0)
+    policy: Literal["reservoir", "class_balanced"] = "class_balanced"
+
+
+class StreamConfig(_Section):
+    """The unlabeled adaptation stream: novel samples plus known ones not in the memory."""
+
+    novel_samples: int = Field(2500, gt=0)
+    known_samples: int | None = Field(None, ge=0, description="default: the memory budget")
+    batch_size: int = Field(200, gt=0)
+
+
+class RunConfig(_Section):
+    """A whole experiment: data, model, training, detection, memory and stream."""
+
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    detector: DetectorConfig = DetectorConfig()
+    memory: MemoryConfig = MemoryConfig()
+    stream: StreamConfig = StreamConfig()
+    ood_sets: tuple[OODSetConfig, ...] = ()
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read and validate a YAML config file."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc.strerror or exc}") from exc
+    return parse_config(text, origin=str(source))
+
+
+def parse_config(text: str, origin: str = "<string>") -> RunConfig:
+    """Validate YAML text; an empty document gives the defaults."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: invalid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, origin)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+    """Validate an already-parsed mapping (also used for overrides from the command line)."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return `config` with dotted-key overrides applied, e.g. {'train.epochs': 3}, re-validated."""
+    raw = config.model_dump(mode="python")
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a config section")
+            node = node[key]
+        node[leaf] = value
+    return config_from_dict(raw, origin="overrides")
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One validation error as 'key.path: what is wrong (allowed ...)'."""
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc) or "<top level>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"{key}: {err['msg'].replace('Input should be', 'must be one of')} (got {err['input']!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or "input" not in err:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {err['input']!r})"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the section at `loc`, for the 'unknown key' message."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation
+        inner = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return sorted(model.model_fields)

@@ -1,0 +1,1 @@
+"""Novelty detectors behind one fit/score interface."""

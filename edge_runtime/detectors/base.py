@@ -1,0 +1,59 @@
+"""The uniform surface every novelty detector offers: fit on known-IDD data, then score."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from edge_runtime.models.base import FrozenClassifier
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What the frozen classifier saw and produced for one batch.
+
+    images are [0,1] NCHW (kept for detectors that look at pixels, e.g. the paper's binary
+    classifier); features [B, D] and logits [B, C] come from `FrozenClassifier.embed`.
+    """
+
+    images: torch.Tensor | None
+    features: torch.Tensor
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def select(self, index: torch.Tensor) -> "Observations":
+        images = None if self.images is None else self.images[index]
+        return Observations(images, self.features[index], self.logits[index])
+
+    @staticmethod
+    def concat(parts: "list[Observations]") -> "Observations":
+        images = None if any(p.images is None for p in parts) else torch.cat([p.images for p in parts])
+        return Observations(images, torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]))
+
+
+class Detector(ABC):
+    """A novelty detector: higher scores mean more likely novel (OOD).
+
+    `fit` sees only known-IDD data with its labels (training or rehearsal memory). Detectors that
+    learn from the unlabeled stream also implement `observe`.
+    """
+
+    name: str = "detector"
+
+    def __init__(self, classifier: FrozenClassifier) -> None:
+        self.classifier = classifier
+
+    @abstractmethod
+    def fit(self, known: Observations, labels: torch.Tensor) -> "Detector":
+        """Fit IDD statistics from known data; returns self."""
+
+    @abstractmethod
+    def score(self, batch: Observations) -> torch.Tensor:
+        """Novelty score [B] (float32); higher = more novel."""
+
+    def observe(self, batch: Observations) -> None:
+        """Learn from an unlabeled stream batch; stateless detectors ignore it."""
