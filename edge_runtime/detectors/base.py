@@ -9,6 +9,8 @@ import torch
 
 from edge_runtime.models.base import FrozenClassifier
 
+PROTOCOLS = ("per_sample", "homogeneous_batches")
+
 
 @dataclass(frozen=True)
 class Observations:
@@ -54,6 +56,16 @@ class Detector(ABC):
     @abstractmethod
     def score(self, batch: Observations) -> torch.Tensor:
         """Novelty score [B] (float32); higher = more novel."""
+
+    def score_protocol(self, batch: Observations, protocol: str) -> torch.Tensor:
+        """Score under an evaluation protocol (see DESIGN.md).
+
+        Detectors whose decision uses batch statistics override this; for the rest every input is
+        scored alone, so both protocols give the same numbers.
+        """
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        return self.score(batch)
 
     def observe(self, batch: Observations) -> None:
         """Learn from an unlabeled stream batch; stateless detectors ignore it."""

@@ -1,0 +1,44 @@
+"""A tiny frozen classifier trained on real digits, shared by detector tests.
+
+Training it takes about a second, so detector tests exercise real features and logits without
+depending on the full training pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.transforms import to_tensor
+from edge_runtime.models.base import FrozenClassifier
+
+
+def train_digit_classifier(train: ImageSet, steps: int = 300, seed: int = 0) -> FrozenClassifier:
+    """An MLP (final layer `fc`) fitted to `train`, whose labels must be 0..K-1."""
+    torch.manual_seed(seed)
+    num_classes = int(train.labels.max()) + 1
+    pixels = train.images.shape[1] * train.images.shape[2] * train.images.shape[3]
+    network = nn.Sequential()
+    network.add_module("flatten", nn.Flatten())
+    network.add_module("hidden", nn.Linear(pixels, 64))
+    network.add_module("act", nn.ReLU())
+    network.add_module("fc", nn.Linear(64, num_classes))
+    x, y = to_tensor(train.images), torch.from_numpy(train.labels)
+    optimiser = torch.optim.Adam(network.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(x), (128,), generator=generator)
+        loss = nn.functional.cross_entropy(network(x[index]), y[index])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return FrozenClassifier(network.eval(), "fc")
+
+
+def known_digits(data: ImageSet, novel: int = 9) -> tuple[ImageSet, ImageSet]:
+    """(known part with labels 0..8, novel part) of a digits split; digit `novel` is held out."""
+    keep = data.labels != novel
+    known = data.subset(keep)
+    labels = known.labels - (known.labels > novel)
+    return ImageSet(known.images, labels, known.classes[:novel] + known.classes[novel + 1:], data.name), data.subset(~keep)
