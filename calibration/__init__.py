@@ -1,0 +1,1 @@
+"""Fitting IDD statistics: streaming class moments, shrunk precisions, tied Gaussians, thresholds."""

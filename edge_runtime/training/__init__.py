@@ -1,0 +1,1 @@
+"""Training the frozen classifier: batched on-device augmentation, the training loop, checkpoints."""

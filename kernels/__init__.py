@@ -1,0 +1,1 @@
+"""Compute kernels of the scoring path: pure-torch references first, fused GPU kernels beside them."""

@@ -1,0 +1,40 @@
+"""Session-wide data fixtures: real images, loaded once per test run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.catalog import SHARED_DATA
+from edge_runtime.data.loader import load_split
+
+CIFAR_SMALL_PER_CLASS = 30
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The offline data folder; its absence fails the run rather than skipping the data tests."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data folder {SHARED_DATA} is missing (set EDGE_RUNTIME_DATA to its location)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits_train() -> ImageSet:
+    return load_split("digits", "train")
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> ImageSet:
+    return load_split("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def cifar_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ImageSet]:
+    """The first 30 images per class of CIFAR-10's train and test splits (the JPEG copy)."""
+    cache_dir = tmp_path_factory.mktemp("data-cache")
+    return {split: load_split("cifar10", split, path=str(shared_data / "cifar10-jpeg.tar.gz"), cache_dir=cache_dir,
+                              limit_per_class=CIFAR_SMALL_PER_CLASS, progress=False)
+            for split in ("train", "test")}

@@ -1,0 +1,103 @@
+"""Baseline detectors on real data: a tiny MLP trained on digits 0-8, digit 9 held out as novel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from classifier_fixture import known_digits, train_digit_classifier
+from edge_runtime.data.digits import load_digits_split
+from edge_runtime.data.transforms import to_tensor
+from edge_runtime.detectors.base import Detector, Observations
+from edge_runtime.detectors.energy import EnergyDetector
+from edge_runtime.detectors.feature_mahalanobis import FeatureMahalanobisDetector
+from edge_runtime.detectors.knn import KNNDetector
+from edge_runtime.detectors.msp import MSPDetector
+from edge_runtime.errors import ConfigError, InputError, StateError
+from edge_runtime.metrics import ood_metrics
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    """(classifier, known training observations + labels, known test observations, novel test observations)."""
+    known_train, _ = known_digits(load_digits_split("train"))
+    known_test, novel_test = known_digits(load_digits_split("test"))
+    classifier = train_digit_classifier(known_train, steps=300)
+
+    def observe(images: np.ndarray) -> Observations:
+        pixels = to_tensor(images)
+        with torch.no_grad():
+            features, logits = classifier.embed(pixels)
+        return Observations(pixels, features, logits)
+
+    train_labels = torch.from_numpy(known_train.labels)
+    return classifier, observe(known_train.images), train_labels, observe(known_test.images), observe(novel_test.images)
+
+
+DETECTORS = {
+    "msp": lambda classifier: MSPDetector(classifier),
+    "energy": lambda classifier: EnergyDetector(classifier),
+    "feature_mahalanobis": lambda classifier: FeatureMahalanobisDetector(classifier),
+    "feature_mahalanobis_oas": lambda classifier: FeatureMahalanobisDetector(classifier, shrinkage="oas"),
+    "knn": lambda classifier: KNNDetector(classifier, k=10),
+}
+
+
+@pytest.mark.parametrize("key", sorted(DETECTORS))
+def test_baseline_detects_the_held_out_digit(digits_setup, key):
+    classifier, train, labels, known, novel = digits_setup
+    detector: Detector = DETECTORS[key](classifier).fit(train, labels)
+    assert detector.name == key.removesuffix("_oas")
+    known_scores, novel_scores = detector.score(known), detector.score(novel)
+    assert known_scores.shape == (len(known),) and known_scores.dtype == torch.float32
+    assert torch.equal(detector.score_protocol(novel, "homogeneous_batches"), novel_scores)
+    assert ood_metrics(known_scores.numpy(), novel_scores.numpy())["auroc"] > 0.6
+
+
+def test_msp_and_energy_follow_their_definitions(digits_setup):
+    classifier, _train, _labels, known, _novel = digits_setup
+    msp = MSPDetector(classifier).score(known)
+    assert torch.all((msp >= -1.0) & (msp <= -1.0 / classifier.num_classes + 1e-6))
+    probs = known.logits.softmax(dim=1)
+    assert torch.equal(msp.argsort(), (-probs.max(dim=1).values).argsort())
+    hot = EnergyDetector(classifier, temperature=1000.0).score(known)
+    # At a high temperature the energy tends to -T log C - mean(logits).
+    torch.testing.assert_close(hot, -1000.0 * np.log(classifier.num_classes) - known.logits.mean(dim=1), atol=0.05, rtol=0)
+
+
+def test_knn_score_is_the_kth_neighbour_distance_whatever_the_chunking(digits_setup):
+    classifier, train, labels, _known, novel = digits_setup
+    bank = torch.nn.functional.normalize(train.features, dim=1).double()
+    queries = torch.nn.functional.normalize(novel.features, dim=1).double()
+    expected = torch.cdist(queries, bank).sort(dim=1).values[:, 6].float()
+    for chunk_size in (1, 7, 10_000):
+        scores = KNNDetector(classifier, k=7, chunk_size=chunk_size).fit(train, labels).score(novel)
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_feature_mahalanobis_scores_the_nearest_class_gaussian(digits_setup):
+    classifier, train, labels, known, _novel = digits_setup
+    detector = FeatureMahalanobisDetector(classifier, shrinkage="ridge", ridge=0.1).fit(train, labels)
+    gaussian = detector.gaussian
+    per_class = torch.stack(
+        [gaussian.score(known.features, torch.full((len(known),), c)) for c in range(classifier.num_classes)], dim=1
+    )
+    torch.testing.assert_close(detector.score(known), per_class.min(dim=1).values, rtol=1e-4, atol=1e-4)
+
+
+def test_detectors_refuse_misuse(digits_setup):
+    classifier, train, labels, known, _novel = digits_setup
+    with pytest.raises(StateError, match="before fit"):
+        FeatureMahalanobisDetector(classifier).score(known)
+    with pytest.raises(StateError, match="before fit"):
+        KNNDetector(classifier).score(known)
+    with pytest.raises(ConfigError, match="exceeds the 5 known samples"):
+        KNNDetector(classifier, k=10).fit(train.select(torch.arange(5)), labels[:5])
+    with pytest.raises(ConfigError, match="temperature"):
+        EnergyDetector(classifier, temperature=0.0)
+    wrong = Observations(None, known.features[:, :3], known.logits)
+    with pytest.raises(InputError, match="features must be"):
+        KNNDetector(classifier, k=5).fit(train, labels).score(wrong)
+    with pytest.raises(InputError, match="features must be"):
+        FeatureMahalanobisDetector(classifier).fit(train, labels).score(wrong)
