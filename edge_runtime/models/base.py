@@ -32,7 +32,11 @@ class FrozenClassifier(nn.Module):
         layer = network.get_submodule(final_layer)
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"final_layer {final_layer!r} is a {type(layer).__name__}, not an nn.Linear")
-        self.final_linear: nn.Linear = layer
+
+    @property
+    def final_linear(self) -> nn.Linear:
+        """The final layer, looked up rather than stored so the state dict names each weight once."""
+        return self.network.get_submodule(self.final_layer_name)
 
     @property
     def num_classes(self) -> int:

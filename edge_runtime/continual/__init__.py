@@ -1,0 +1,1 @@
+"""Continual learning: the rehearsal memory and the 9+1 router."""

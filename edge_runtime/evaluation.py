@@ -1,0 +1,158 @@
+"""Detection and 9+1 evaluation on the test split, both protocols side by side.
+
+Static detectors are fitted on the known training images; the self-supervised detector also
+adapts to an unlabeled stream built per OOD target. The test split is only ever scored here,
+after everything was fitted, and no threshold or hyper-parameter is read off it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.threshold import threshold_at_fpr
+
+from edge_runtime.config import RunConfig
+from edge_runtime.continual.memory import RehearsalMemory
+from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.splits import NovelClassSplit, build_stream
+from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
+from edge_runtime.detectors.registry import STATIC_DETECTORS, build_static_detector
+from edge_runtime.errors import ConfigError
+from edge_runtime.experiment import embed, known_test_set
+from edge_runtime.metrics import ood_metrics
+from edge_runtime.models.base import FrozenClassifier
+from edge_runtime.reports import plot_score_histograms
+from edge_runtime.results import format_table
+
+
+@dataclass(frozen=True)
+class OODTarget:
+    """A novel input type: images the stream may contain, and disjoint images it is tested on."""
+
+    name: str
+    stream_pool: ImageSet
+    test: ImageSet
+
+
+def ood_targets(split: NovelClassSplit, ood_sets: dict[str, ImageSet], seed: int) -> list[OODTarget]:
+    """The held-out class (stream from its training images) and each extra OOD set (halved)."""
+    targets = []
+    if split.novel_class is not None:
+        novel_test = split.test.subset(split.test.labels == len(split.known_classes))
+        targets.append(OODTarget(split.novel_class, split.novel_train, novel_test))
+    for name, images in ood_sets.items():
+        order = np.random.default_rng(seed).permutation(len(images))
+        half = len(images) // 2
+        targets.append(OODTarget(name, images.subset(order[:half]), images.subset(order[half:])))
+    return targets
+
+
+def fill_memory(known_train: ImageSet, budget: int, policy: str, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(rehearsal memory, the known images never offered to it).
+
+    The memory is filled from a shuffled prefix of the known training images; the rest is the pool
+    the stream's known part is drawn from, so the stream never repeats a memory sample.
+    """
+    order = np.random.default_rng(seed).permutation(len(known_train))
+    offered = order[: min(len(order), 4 * budget)]
+    memory = RehearsalMemory(budget, policy, known_train.images.shape[1:], seed)
+    memory.add(known_train.images[offered], known_train.labels[offered])
+    return memory.contents(known_train.classes), known_train.subset(np.sort(order[len(offered):]), name="known-pool")
+
+
+def score_by_protocol(detector: Detector, obs: Observations, protocol: str, batch_size: int) -> np.ndarray:
+    """Scores of a homogeneous set (all IDD or all OOD) under `protocol`, in test batches."""
+    parts = [detector.score_protocol(obs.select(torch.arange(s, min(s + batch_size, len(obs)))), protocol)
+             for s in range(0, len(obs), batch_size)]
+    return torch.cat(parts).cpu().numpy()
+
+
+def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: NovelClassSplit,
+                       targets: list[OODTarget], device: torch.device, tag: str, out_dir: Path,
+                       progress: bool = True) -> dict[str, float]:
+    """Detection metrics of every detector per target and protocol, plus the 9+1 router's accuracy."""
+    known_fit = embed(classifier, split.train, device, keep_images=False)
+    labels = torch.from_numpy(split.train.labels)
+    known_test = embed(classifier, known_test_set(split), device, keep_images=False)
+    target_obs = {t.name: embed(classifier, t.test, device, keep_images=False) for t in targets}
+    metrics: dict[str, float] = {}
+    histograms = {}
+    detectors = {}
+    for name in tqdm(STATIC_DETECTORS, desc="detectors", disable=not progress):
+        detector = detectors[name] = build_static_detector(name, classifier, cfg.detector, cfg.seed).fit(known_fit, labels)
+        for protocol in PROTOCOLS:
+            idd = score_by_protocol(detector, known_test, protocol, cfg.stream.batch_size)
+            for target, obs in target_obs.items():
+                ood = score_by_protocol(detector, obs, protocol, cfg.stream.batch_size)
+                metrics.update(_named(ood_metrics(idd, ood), protocol, name, tag, target))
+                if protocol == "per_sample" and target == targets[0].name:
+                    histograms[name] = (idd, ood)
+    if histograms:
+        plot_score_histograms(histograms, out_dir / "scores.png")
+    if split.novel_class is not None:
+        metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
+    return metrics
+
+
+def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassifier, split: NovelClassSplit,
+                   device: torch.device, tag: str) -> dict[str, float]:
+    """9+1 with the fitted gradient Mahalanobis detector and a threshold from held-back known data.
+
+    The detector was fitted on the training images, so its threshold comes from the calibration
+    slice held back from training (known IDD it has not seen), at the configured false-alarm rate.
+    """
+    if len(split.calibration) == 0:
+        raise ConfigError("data.calibration_holdout is 0: the 9+1 router needs held-back known images for its threshold")
+    calibration = embed(classifier, split.calibration, device, keep_images=False)
+    threshold = threshold_at_fpr(detector.score(calibration), cfg.detector.target_fpr)
+    test = embed(classifier, split.test, device, keep_images=False)
+    return router_metrics(detector, threshold, split, test, cfg.stream.batch_size, len(split.calibration), tag)
+
+
+def single_head_accuracy(test: Observations, labels: np.ndarray, novel: np.ndarray) -> float:
+    """10-way accuracy of the 9+1 router: flagged inputs get the new class index K, others argmax."""
+    new_class = test.logits.shape[1]
+    predictions = np.where(novel, new_class, test.logits.argmax(dim=1).numpy())
+    return float((predictions == labels).mean())
+
+
+def router_metrics(detector: Detector, threshold: float, split: NovelClassSplit, test: Observations,
+                   batch_size: int, budget: int, tag: str) -> dict[str, float]:
+    """single_head_acc of the 9+1 router (novel when score > threshold) under both protocols.
+
+    For `homogeneous_batches` the test batches are cut within the known part and within the
+    novel part, as the paper's protocol does; `per_sample` scores every image alone.
+    """
+    labels = split.test.labels
+    novel_index = len(split.known_classes)
+    metrics = {}
+    for protocol in PROTOCOLS:
+        scores = np.empty(len(test), dtype=np.float32)
+        for group in (labels < novel_index, labels == novel_index):
+            index = np.flatnonzero(group)
+            scores[index] = score_by_protocol(detector, test.select(torch.from_numpy(index)), protocol, batch_size)
+        key = f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{detector.name}"
+        metrics[key] = single_head_accuracy(test, labels, scores > threshold)
+    return metrics
+
+
+def _named(values: dict[str, float], protocol: str, detector: str, tag: str, target: str) -> dict[str, float]:
+    target = target.replace("_", "-")
+    return {f"{metric}/{protocol}/{detector}/{tag}_vs_{target}": v for metric, v in values.items()}
+
+
+def auroc_tables(metrics: dict[str, float], tag: str, targets: list[str]) -> str:
+    """One table per protocol (per_sample first): rows detectors, columns OOD targets, AUROC."""
+    blocks = []
+    for protocol in PROTOCOLS:
+        prefix = f"auroc/{protocol}/"
+        detectors = sorted({k[len(prefix):].split("/")[0] for k in metrics if k.startswith(prefix)})
+        rows = [[d, *(metrics.get(f"{prefix}{d}/{tag}_vs_{t.replace('_', '-')}", float("nan")) for t in targets)]
+                for d in detectors]
+        blocks.append(f"AUROC, protocol {protocol} ({tag} vs ...)\n" + format_table(rows, ["detector", *targets]))
+    return "\n\n".join(blocks)

@@ -1,0 +1,105 @@
+"""The console script end to end on the embedded digits set: train, evaluate, demo, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli.main import SUBCOMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--no-progress", "--set", "train.epochs=3", "--set", "detector.binary.epochs=3"]
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in SUBCOMMANDS)])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "usage: edge-runtime" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    assert main(["train", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), *QUICK]) == 0
+    return out
+
+
+def test_train_writes_classifier_checkpoint_plot_and_result(trained):
+    assert {"classifier.safetensors", "train_checkpoint.pt", "training_loss.png", "result.json"} <= \
+        {p.name for p in trained.iterdir()}
+    metrics = _result(trained)["metrics"]
+    assert metrics["idd_acc/digits-9"] > 0.8
+
+
+def test_train_resumes_from_its_checkpoint(trained, capsys):
+    more = ["--set", "train.epochs=3"]
+    assert main(["train", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(trained), "--resume",
+                 "--no-progress", *more, "--set", "detector.binary.epochs=3"]) == 0
+    assert "| 0 " in capsys.readouterr().out  # all 3 epochs were already done: 0 run now
+
+
+def test_evaluate_reports_both_protocols_per_sample_first(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                 "--classifier", str(trained / "classifier.safetensors"), *QUICK])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.index("protocol per_sample") < printed.index("protocol homogeneous_batches")
+    metrics = _result(out)["metrics"]
+    for detector in ("msp", "energy", "feature_mahalanobis", "knn", "grad_mahalanobis"):
+        for protocol in ("per_sample", "homogeneous_batches"):
+            for family in ("auroc", "aupr_in", "aupr_out", "fpr95"):
+                assert 0.0 <= metrics[f"{family}/{protocol}/{detector}/digits-9_vs_9"] <= 1.0
+    assert metrics["auroc/per_sample/grad_mahalanobis/digits-9_vs_9"] > 0.8
+    assert (out / "scores.png").stat().st_size > 0
+
+
+def test_checker_accepts_what_evaluate_writes(trained):
+    checker = ROOT.parent / "shared" / "tools" / "check_results.py"
+    done = subprocess.run([sys.executable, str(checker), str(trained / "result.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_classifier_for_other_classes_is_refused(trained, tmp_path, capsys):
+    code = main(["evaluate", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(tmp_path),
+                 "--classifier", str(trained / "classifier.safetensors"), "--set", "data.novel_class='3'", *QUICK])
+    assert code == 2
+    assert "trained on classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "memory.budget=0"], "memory.budget"),
+    (["--set", "nonsense"], "KEY=VALUE"),
+    (["--set", "data.novel_class=dragon"], "not a class of digits"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(args, message, tmp_path, capsys):
+    code = main(["train", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(tmp_path), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-runtime train: error: ") and message in err
+
+
+def test_invalid_yaml_file_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([str(Path(sys.executable).parent / "edge-runtime"), "demo", "--out", str(out), *QUICK],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "9+1 single-head accuracy" in done.stdout
+    metrics = _result(out)["metrics"]
+    assert any(k.startswith("single_head_acc/per_sample/") for k in metrics)

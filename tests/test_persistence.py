@@ -1,0 +1,61 @@
+"""The saved frozen classifier: round trip, and refusal of foreign, corrupt or mismatched files."""
+
+import pytest
+import torch
+
+from classifier_fixture import known_digits
+from edge_runtime.config import ModelConfig
+from edge_runtime.data.transforms import to_tensor
+from edge_runtime.errors import StateError
+from edge_runtime.models.persistence import load_classifier, save_classifier
+from edge_runtime.models.registry import build_classifier
+from edge_runtime.training.trainer import compute_mean_std
+
+CFG = ModelConfig(arch="small_cnn", input_size=8, in_channels=1, width=8)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits_train):
+    known, _ = known_digits(digits_train)
+    torch.manual_seed(0)
+    classifier = build_classifier(CFG, 9, *compute_mean_std(known)).eval()
+    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
+    save_classifier(path, classifier, CFG, known.classes)
+    return path, classifier, known
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    path, classifier, known = saved
+    loaded, classes = load_classifier(path, CFG)
+    x = to_tensor(known.images[:32])
+    assert classes == known.classes
+    torch.testing.assert_close(loaded(x), classifier(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.network[0].mean, classifier.network[0].mean)
+
+
+def test_other_architecture_is_refused(saved):
+    with pytest.raises(StateError, match="model config"):
+        load_classifier(saved[0], CFG.model_copy(update={"width": 16}))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_file_is_refused(saved, tmp_path, damage):
+    blob = saved[0].read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes({"truncate": blob[: len(blob) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    with pytest.raises(StateError, match="broken.safetensors"):
+        load_classifier(broken, CFG)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign, metadata={"format": "something.else"})
+    with pytest.raises(StateError, match="not an edge_runtime classifier"):
+        load_classifier(foreign, CFG)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(StateError, match="nothing.safetensors"):
+        load_classifier(tmp_path / "nothing.safetensors", CFG)
