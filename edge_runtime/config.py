@@ -96,19 +96,33 @@ class BinaryHeadConfig(_Section):
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     pseudo_label_fraction: float = Field(0.25, gt=0.0, le=0.5)
+    batch_size: int = Field(64, gt=0, description="mini-batch size of the head's training")
+    width: int = Field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
 
 
 class DetectorConfig(_Section):
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
-    name: Literal["grad_mahalanobis", "msp", "energy", "feature_mahalanobis", "knn"] = "grad_mahalanobis"
+    name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
     projection_dim: int = Field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
     ridge: float = Field(1e-3, ge=0.0)
     knn_k: int = Field(50, gt=0)
+    chunk_size: int = Field(1024, gt=0, description="samples per gradient computation (bounds peak memory)")
     target_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
     binary: BinaryHeadConfig = BinaryHeadConfig()
+    ssl_mode: Literal["paper", "memory_pu"] = Field(
+        "memory_pu", description="grad_mahalanobis_ssl: 'paper' = Algorithm 1 as published; 'memory_pu' = rehearsal "
+        "memory as known IDD vs the unlabeled stream (positive-unlabeled)")
+    pool_size: int = Field(20_000, gt=0, description="stream samples kept for self-supervision (the most recent)")
+    pu_rounds: int = Field(3, ge=1, le=20, description="memory_pu: training rounds (1 = memory vs the whole stream)")
+    pu_folds: int = Field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")
+    pu_ranking: Literal["head", "head_and_gradient"] = Field(
+        "head", description="memory_pu: how stream samples are ranked as OOD candidates between rounds")
+    pu_head: BinaryHeadConfig = Field(
+        BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
+        description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")
 
 
 class MemoryConfig(_Section):
@@ -126,6 +140,27 @@ class StreamConfig(_Section):
     batch_size: int = Field(200, gt=0)
 
 
+class DeployConfig(_Section):
+    """How the frozen parts run on a target (a device profile): backbone engine, precision, batch, scoring kernel."""
+
+    backbone: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    batch_size: int = Field(32, gt=0, le=4096, description="largest batch the runner and the TensorRT engine take")
+    kernel: Literal["numpy", "cuda_fused"] = Field("numpy", description="where the novelty score is computed")
+    opset: int = Field(17, ge=17, le=23, description="ONNX opset of the exported classifier graph")
+    calibration_images: int = Field(512, gt=0, description="int8: held-back known images fed to the entropy calibrator")
+    workspace_mib: int = Field(1024, gt=0, description="TensorRT builder workspace")
+
+    @model_validator(mode="after")
+    def _precision_needs_tensorrt(self) -> "DeployConfig":
+        if self.precision != "fp32" and self.backbone != "tensorrt":
+            raise ValueError(f"precision {self.precision!r} needs backbone 'tensorrt' (onnxruntime runs fp32)")
+        if self.precision == "int8" and self.calibration_images < self.batch_size:
+            raise ValueError(f"int8 calibration needs at least one full batch: calibration_images "
+                             f"{self.calibration_images} < batch_size {self.batch_size}")
+        return self
+
+
 class RunConfig(_Section):
     """A whole experiment: data, model, training, detection, memory and stream."""
 
@@ -138,6 +173,7 @@ class RunConfig(_Section):
     memory: MemoryConfig = MemoryConfig()
     stream: StreamConfig = StreamConfig()
     ood_sets: tuple[OODSetConfig, ...] = ()
+    deploy: DeployConfig = DeployConfig()
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

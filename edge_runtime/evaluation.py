@@ -22,12 +22,16 @@ from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit, build_stream
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.registry import STATIC_DETECTORS, build_static_detector
+from edge_runtime.detectors.self_supervised import SelfSupervisedDetector
 from edge_runtime.errors import ConfigError
 from edge_runtime.experiment import embed, known_test_set
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.reports import plot_score_histograms
 from edge_runtime.results import format_table
+
+
+SSL_MODES = ("memory_pu", "paper")  # ours first; the published Algorithm 1 is reported beside it
 
 
 @dataclass(frozen=True)
@@ -52,17 +56,22 @@ def ood_targets(split: NovelClassSplit, ood_sets: dict[str, ImageSet], seed: int
     return targets
 
 
-def fill_memory(known_train: ImageSet, budget: int, policy: str, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(rehearsal memory, the known images never offered to it).
+def fill_memory(held_back: ImageSet, budget: int, policy: str, n_known: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(rehearsal memory, known images for the stream), both from images the classifier never trained on.
 
-    The memory is filled from a shuffled prefix of the known training images; the rest is the pool
-    the stream's known part is drawn from, so the stream never repeats a memory sample.
+    After deployment every input is new to the frozen classifier, so the benchmark draws the memory
+    and the stream's known part from the held-back slice: thresholds calibrated on the memory then
+    carry over to unseen test images. The memory policy chooses among a shuffled prefix of up to
+    twice its budget; the stream's known part comes from the rest, so it never repeats a memory sample.
     """
-    order = np.random.default_rng(seed).permutation(len(known_train))
-    offered = order[: min(len(order), 4 * budget)]
-    memory = RehearsalMemory(budget, policy, known_train.images.shape[1:], seed)
-    memory.add(known_train.images[offered], known_train.labels[offered])
-    return memory.contents(known_train.classes), known_train.subset(np.sort(order[len(offered):]), name="known-pool")
+    if len(held_back) < budget + n_known:
+        raise ConfigError(f"data.calibration_holdout gives {len(held_back)} held-back known images, but the memory "
+                          f"budget ({budget}) plus the stream's known samples ({n_known}) need {budget + n_known}")
+    order = np.random.default_rng(seed).permutation(len(held_back))
+    offered = order[: min(len(order) - n_known, 2 * budget)]
+    memory = RehearsalMemory(budget, policy, held_back.images.shape[1:], seed)
+    memory.add(held_back.images[offered], held_back.labels[offered])
+    return memory.contents(held_back.classes), held_back.subset(np.sort(order[len(offered):]), name="known-pool")
 
 
 def score_by_protocol(detector: Detector, obs: Observations, protocol: str, batch_size: int) -> np.ndarray:
@@ -92,11 +101,48 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
                 metrics.update(_named(ood_metrics(idd, ood), protocol, name, tag, target))
                 if protocol == "per_sample" and target == targets[0].name:
                     histograms[name] = (idd, ood)
-    if histograms:
-        plot_score_histograms(histograms, out_dir / "scores.png")
     if split.novel_class is not None:
         metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
+    for mode in SSL_MODES:
+        ssl_cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"ssl_mode": mode})})
+        for target in targets:
+            detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)
+            known_obs = embed(classifier, known_test_set(split), device, keep_images=detector.keep_images)
+            target_test = embed(classifier, target.test, device, keep_images=detector.keep_images)
+            name = f"{detector.name}_{mode}"
+            for protocol in PROTOCOLS:
+                idd = score_by_protocol(detector, known_obs, protocol, cfg.stream.batch_size)
+                ood = score_by_protocol(detector, target_test, protocol, cfg.stream.batch_size)
+                metrics.update(_named(ood_metrics(idd, ood), protocol, name, tag, target.name))
+                if protocol == "per_sample" and target is targets[0]:
+                    histograms[name] = (idd, ood)
+            if target.name == split.novel_class:
+                test = embed(classifier, split.test, device, keep_images=detector.keep_images)
+                metrics.update(router_metrics(detector, detector.threshold, split, test, cfg.stream.batch_size,
+                                              cfg.memory.budget, tag, name))
+    if histograms:
+        plot_score_histograms(histograms, out_dir / "scores.png")
     return metrics
+
+
+def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: NovelClassSplit,
+                          known_fit: Observations, labels: torch.Tensor, target: OODTarget,
+                          device: torch.device, progress: bool = True) -> SelfSupervisedDetector:
+    """Fit on known data, fill the rehearsal memory, then adapt to an unlabeled stream containing `target`.
+
+    The stream holds `stream.novel_samples` images of the target (at most what its pool has) and
+    held-back known images that were never offered to the memory; its labels never reach the detector.
+    """
+    detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
+    n_known = cfg.stream.known_samples if cfg.stream.known_samples is not None else cfg.memory.budget
+    memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed)
+    detector.set_memory(embed(classifier, memory, device, keep_images=detector.keep_images),
+                        torch.from_numpy(memory.labels))
+    n_novel = min(cfg.stream.novel_samples, len(target.stream_pool))
+    stream = build_stream(known_pool, target.stream_pool, n_known, n_novel, cfg.stream.batch_size, cfg.seed)
+    for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
+        detector.observe(embed(classifier, batch, device, keep_images=detector.keep_images))
+    return detector
 
 
 def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassifier, split: NovelClassSplit,
@@ -111,7 +157,8 @@ def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassif
     calibration = embed(classifier, split.calibration, device, keep_images=False)
     threshold = threshold_at_fpr(detector.score(calibration), cfg.detector.target_fpr)
     test = embed(classifier, split.test, device, keep_images=False)
-    return router_metrics(detector, threshold, split, test, cfg.stream.batch_size, len(split.calibration), tag)
+    return router_metrics(detector, threshold, split, test, cfg.stream.batch_size, len(split.calibration), tag,
+                          detector.name)
 
 
 def single_head_accuracy(test: Observations, labels: np.ndarray, novel: np.ndarray) -> float:
@@ -122,7 +169,7 @@ def single_head_accuracy(test: Observations, labels: np.ndarray, novel: np.ndarr
 
 
 def router_metrics(detector: Detector, threshold: float, split: NovelClassSplit, test: Observations,
-                   batch_size: int, budget: int, tag: str) -> dict[str, float]:
+                   batch_size: int, budget: int, tag: str, name: str) -> dict[str, float]:
     """single_head_acc of the 9+1 router (novel when score > threshold) under both protocols.
 
     For `homogeneous_batches` the test batches are cut within the known part and within the
@@ -136,7 +183,7 @@ def router_metrics(detector: Detector, threshold: float, split: NovelClassSplit,
         for group in (labels < novel_index, labels == novel_index):
             index = np.flatnonzero(group)
             scores[index] = score_by_protocol(detector, test.select(torch.from_numpy(index)), protocol, batch_size)
-        key = f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{detector.name}"
+        key = f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{name}"
         metrics[key] = single_head_accuracy(test, labels, scores > threshold)
     return metrics
 

@@ -1,0 +1,280 @@
+"""Gradient Mahalanobis with a self-supervised IDD/OOD binary classifier, in two modes.
+
+`paper` is the seed paper's Algorithm 1 as written: every stream batch joins a pool, the binary
+head decides who is believed OOD, those get the label y_opt and the rest their predicted label,
+the pool is re-scored with gradient Mahalanobis, and a fresh head is trained on the lowest- and
+highest-scored fractions. It never uses labelled data after `fit`, so its pseudo-labels can and
+do flip polarity (DESIGN.md, reference measurements).
+
+`memory_pu` uses what the deployment actually has: the rehearsal memory is known IDD. It is a
+positive-unlabeled problem (memory = positives, stream = a mix), solved by cross-fitted heads:
+ 1. round 0 trains memory (0) vs the whole stream (1); stream samples that look like the memory
+    stay ambiguous, novel ones are pushed up;
+ 2. from the out-of-fold scores, the share of known samples in the stream is estimated as
+    min over memory quantiles t of F_stream(t) / F_memory(t) (novel samples do not reach the
+    memory's lower quantiles), and the top (1 - share) of the stream become the OOD candidates
+    of the next round (memory vs candidates);
+ 3. each round's out-of-fold AUROC of memory vs stream is an affine, increasing function of its
+    known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
+    model selection without a single label of the stream.
+The decision threshold is the `target_fpr` conformal quantile of the memory's out-of-fold scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from calibration.threshold import threshold_at_fpr
+from edge_runtime.config import DetectorConfig
+from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
+from edge_runtime.detectors.binary_head import BinaryHead
+from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
+from edge_runtime.errors import InputError, StateError
+from edge_runtime.metrics import ood_metrics
+from edge_runtime.models.base import FrozenClassifier
+
+# Memory quantiles at which the known share of the stream is read off (see step 2 above).
+KNOWN_SHARE_QUANTILES = (0.25, 0.5, 0.75)
+PAPER_DECISION_PROBABILITY = 0.5  # paper mode: the head's P(OOD) decides, as in Algorithm 1
+
+
+class SelfSupervisedDetector(Detector):
+    """Novelty detector that keeps learning from the unlabeled stream (`observe`).
+
+    Scores, higher = more novel:
+    - `paper`: the binary head's P(OOD). The gradient score itself needs a label per input, and
+      choosing it (predicted vs y_opt) is the head's decision, so the head's probability is the
+      per-input quantity the loop produces. `homogeneous_batches` runs its BatchNorm on the
+      batch's statistics, `per_sample` on the stored ones.
+    - `memory_pu`: the mean logit of the cross-fitted heads; per-sample under both protocols.
+    """
+
+    name = "grad_mahalanobis_ssl"
+
+    def __init__(self, classifier: FrozenClassifier, config: DetectorConfig = DetectorConfig(),
+                 seed: int = 0, progress: bool = False) -> None:
+        super().__init__(classifier)
+        self.config = config
+        self.mode = config.ssl_mode
+        self.seed = seed
+        self.progress = progress
+        self.gradient = GradientMahalanobis(classifier, config, seed, progress)
+        head_arch = config.binary.arch if self.mode == "paper" else config.pu_head.arch
+        self.keep_images = head_arch == "paper_cnn" or config.site == "last_conv"
+        self.pool: Observations | None = None
+        self.memory: Observations | None = None
+        self.paper_head: BinaryHead | None = None
+        self.pu_heads: list[BinaryHead] = []
+        self.threshold: float | None = None
+        self.novel_share: float | None = None  # memory_pu: estimated fraction of novel inputs in the pool
+
+    def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
+        """Fit the gradient Mahalanobis statistics on known data with true labels."""
+        self.gradient.fit(known, labels)
+        return self
+
+    def set_memory(self, memory: Observations, labels: torch.Tensor) -> None:
+        """The rehearsal memory (known IDD) that `memory_pu` learns against and calibrates on."""
+        if labels.shape != (len(memory),):
+            raise InputError(f"memory labels must be [{len(memory)}], got {tuple(labels.shape)}")
+        needed = max(self.config.pu_folds, math.ceil(1 / self.config.target_fpr))
+        if len(memory) < needed:
+            raise InputError(f"memory holds {len(memory)} samples; memory_pu needs at least {needed} "
+                             f"(detector.pu_folds and detector.target_fpr)")
+        self.memory = self._stored(memory)
+
+    def observe(self, batch: Observations) -> None:
+        """Add an unlabeled batch to the pool (the most recent `pool_size` are kept) and re-learn."""
+        if self.mode == "memory_pu" and self.memory is None:
+            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+        batch = self._stored(batch)
+        pool = batch if self.pool is None else Observations.concat([self.pool, batch])
+        if len(pool) > self.config.pool_size:
+            pool = pool.select(torch.arange(len(pool) - self.config.pool_size, len(pool)))
+        self.pool = pool
+        if self.mode == "paper":
+            self._paper_round(pool)
+        elif len(pool) >= self.config.pu_folds:
+            self._memory_pu_fit(pool)
+
+    def score(self, batch: Observations) -> torch.Tensor:
+        return self.score_protocol(batch, "per_sample")
+
+    def score_protocol(self, batch: Observations, protocol: str) -> torch.Tensor:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if self.mode == "paper":
+            return self._trained_paper_head().predict(batch, use_batch_stats=protocol == "homogeneous_batches")
+        heads = self._trained_pu_heads()
+        return torch.stack([head.logit(batch) for head in heads]).mean(dim=0)
+
+    def is_novel(self, batch: Observations) -> torch.Tensor:
+        """bool [B]: score above `threshold` (memory_pu: memory-calibrated; paper: P(OOD) = 0.5)."""
+        scores = self.score(batch)
+        return scores > self.threshold
+
+    # -- paper: Algorithm 1 -------------------------------------------------------------------
+
+    def _paper_round(self, pool: Observations) -> None:
+        """Re-label, re-score and retrain the head from scratch on the pool's extreme fractions."""
+        labels = pool.logits.argmax(dim=1)
+        if self.paper_head is not None:
+            believed_ood = self.paper_head.predict(pool) > PAPER_DECISION_PROBABILITY
+            if believed_ood.any():
+                y_opt = self.gradient.select_novel_label(pool.select(believed_ood))
+                labels = torch.where(believed_ood, torch.full_like(labels, y_opt), labels)
+        scores = self.gradient.score_with_labels(pool, labels)
+        count = int(len(pool) * self.config.binary.pseudo_label_fraction)
+        if count == 0:
+            return  # too few samples for one pseudo-label per side; wait for more
+        order = scores.argsort()
+        chosen = torch.cat([order[:count], order[-count:]])
+        targets = torch.cat([torch.zeros(count), torch.ones(count)])
+        self.paper_head = BinaryHead(self.config.binary.arch, self.config.binary, self.seed, self.progress).fit(
+            pool.select(chosen), targets)
+        self.threshold = PAPER_DECISION_PROBABILITY
+
+    # -- memory_pu ----------------------------------------------------------------------------
+
+    def _memory_pu_fit(self, pool: Observations) -> None:
+        """Rounds of cross-fitted memory-vs-candidates heads; keep the round separating best."""
+        memory = self.memory
+        folds = self.config.pu_folds
+        generator = torch.Generator().manual_seed(self.seed)
+        memory_folds = torch.randperm(len(memory), generator=generator) % folds
+        pool_folds = torch.randperm(len(pool), generator=generator) % folds
+        gradient_scores = None
+        if self.config.pu_ranking == "head_and_gradient":
+            gradient_scores = self.gradient.score(pool).cpu()
+        candidates = torch.arange(len(pool))
+        best = None
+        bar = tqdm(total=self.config.pu_rounds * folds, desc="memory_pu heads", disable=not self.progress, leave=False)
+        for round_index in range(self.config.pu_rounds):
+            heads, memory_scores, pool_scores = self._cross_fit(
+                memory, pool, memory_folds, pool_folds, candidates, round_index, bar)
+            separation = ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"]
+            known_share = estimate_known_share(memory_scores, pool_scores)
+            if best is None or separation > best[0]:
+                best = (separation, heads, memory_scores, 1.0 - known_share)
+            ranking = pool_scores if gradient_scores is None else _rank(pool_scores) + _rank(gradient_scores)
+            novel_count = round((1.0 - known_share) * len(pool))
+            if novel_count < 2 * folds:
+                break  # too few candidates left to train every fold on
+            candidates = ranking.argsort(descending=True)[:novel_count]
+        bar.close()
+        _, self.pu_heads, memory_scores, self.novel_share = best
+        self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
+
+    def _cross_fit(self, memory: Observations, pool: Observations, memory_folds: torch.Tensor,
+                   pool_folds: torch.Tensor, candidates: torch.Tensor, round_index: int,
+                   bar: tqdm) -> tuple[list[BinaryHead], torch.Tensor, torch.Tensor]:
+        """One head per fold, trained on the other folds; out-of-fold scores of memory and pool."""
+        is_candidate = torch.zeros(len(pool), dtype=torch.bool)
+        is_candidate[candidates] = True
+        memory_scores, pool_scores = torch.zeros(len(memory)), torch.zeros(len(pool))
+        heads = []
+        for fold in range(self.config.pu_folds):
+            known = torch.nonzero(memory_folds != fold).flatten()
+            novel = torch.nonzero((pool_folds != fold) & is_candidate).flatten()
+            samples = Observations.concat([memory.select(known), pool.select(novel)])
+            targets = torch.cat([torch.zeros(len(known)), torch.ones(len(novel))])
+            seed = self.seed + 1000 * round_index + fold
+            head = BinaryHead(self.config.pu_head.arch, self.config.pu_head, seed).fit(samples, targets)
+            held_memory = torch.nonzero(memory_folds == fold).flatten()
+            held_pool = torch.nonzero(pool_folds == fold).flatten()
+            memory_scores[held_memory] = head.logit(memory.select(held_memory)).cpu()
+            pool_scores[held_pool] = head.logit(pool.select(held_pool)).cpu()
+            heads.append(head)
+            bar.update()
+        return heads, memory_scores, pool_scores
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything learned, as tensors and JSON-able values (nested dicts and lists)."""
+        return {
+            "mode": self.mode,
+            "gradient": None if self.gradient.gaussian is None else self.gradient.state_dict(),
+            "pool": _observations_state(self.pool),
+            "memory": _observations_state(self.memory),
+            "paper_head": None if self.paper_head is None else self.paper_head.state_dict(),
+            "pu_heads": [head.state_dict() for head in self.pu_heads],
+            "threshold": self.threshold,
+            "novel_share": self.novel_share,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mode") != self.mode:
+            raise StateError(f"saved self-supervised detector ran mode {state.get('mode')!r}, this one is {self.mode!r}")
+        if state["gradient"] is not None:
+            self.gradient.load_state_dict(state["gradient"])
+        self.pool = _observations_from_state(state["pool"])
+        self.memory = _observations_from_state(state["memory"])
+        self.paper_head = None
+        if state["paper_head"] is not None:
+            self.paper_head = BinaryHead(self.config.binary.arch, self.config.binary, self.seed, self.progress)
+            self.paper_head.load_state_dict(state["paper_head"])
+        self.pu_heads = []
+        for head_state in state["pu_heads"]:
+            head = BinaryHead(self.config.pu_head.arch, self.config.pu_head, self.seed)
+            head.load_state_dict(head_state)
+            self.pu_heads.append(head)
+        self.threshold = state["threshold"]
+        self.novel_share = state["novel_share"]
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _stored(self, batch: Observations) -> Observations:
+        """What the pool keeps of a batch: pixels only when a head or the gradient site needs them."""
+        if self.keep_images and batch.images is None:
+            raise InputError("this detector's head or gradient site needs batch.images, but the Observations carry none")
+        images = batch.images.detach() if self.keep_images else None
+        return Observations(images, batch.features.detach(), batch.logits.detach())
+
+    def _trained_paper_head(self) -> BinaryHead:
+        if self.paper_head is None:
+            raise StateError("paper mode has no binary head yet: observe() stream batches first")
+        return self.paper_head
+
+    def _trained_pu_heads(self) -> list[BinaryHead]:
+        if not self.pu_heads:
+            raise StateError("memory_pu has no heads yet: set_memory() and observe() stream batches first")
+        return self.pu_heads
+
+
+def estimate_known_share(memory_scores: torch.Tensor, pool_scores: torch.Tensor) -> float:
+    """Share of known-IDD inputs in the pool, from out-of-fold scores (higher = more novel).
+
+    Below a memory quantile t the pool holds (known share) x F_memory(t) plus whatever novel mass
+    reaches that low; the smallest ratio F_pool(t) / F_memory(t) over a few quantiles is therefore
+    an estimate from above that is tight where novel inputs are absent.
+    """
+    ratios = []
+    for quantile in KNOWN_SHARE_QUANTILES:
+        level = torch.quantile(memory_scores, quantile)
+        ratios.append(float((pool_scores <= level).float().mean() / (memory_scores <= level).float().mean()))
+    return min(1.0, min(ratios))
+
+
+def _rank(values: torch.Tensor) -> torch.Tensor:
+    """Ranks scaled to [0, 1), so differently scaled scores can be averaged."""
+    return values.argsort().argsort().float() / len(values)
+
+
+def _observations_state(obs: Observations | None) -> dict[str, torch.Tensor] | None:
+    if obs is None:
+        return None
+    state = {"features": obs.features.cpu(), "logits": obs.logits.cpu()}
+    if obs.images is not None:
+        state["images"] = obs.images.cpu()
+    return state
+
+
+def _observations_from_state(state: dict[str, torch.Tensor] | None) -> Observations | None:
+    if state is None:
+        return None
+    return Observations(state.get("images"), state["features"], state["logits"])
