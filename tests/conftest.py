@@ -1,10 +1,11 @@
-"""Session-wide data fixtures: real images, loaded once per test run."""
+"""Shared fixtures: real images loaded once per test run, and a single-thread guard for small models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.catalog import SHARED_DATA
@@ -38,3 +39,12 @@ def cifar_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {split: load_split("cifar10", split, path=str(shared_data / "cifar10-jpeg.tar.gz"), cache_dir=cache_dir,
                               limit_per_class=CIFAR_SMALL_PER_CLASS, progress=False)
             for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small models train faster on one thread than on two threads fighting other processes for two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

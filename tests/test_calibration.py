@@ -95,25 +95,16 @@ def test_bad_batches_are_rejected_with_the_tensor_named():
         _ = moments.covariance
 
 
+@pytest.mark.parametrize("method, reference", [("ledoit_wolf", ledoit_wolf), ("oas", oas)])
 @pytest.mark.parametrize("subset", [120, 1797])
-def test_ledoit_wolf_matches_sklearn_on_pooled_centred_data(digits, subset):
+def test_shrinkage_matches_sklearn_on_pooled_centred_data(digits, subset, method, reference):
     rng = np.random.default_rng(subset)
     index = np.sort(rng.choice(len(digits[0]), subset, replace=False))
     x, labels = digits[0][index], digits[1][index]
-    expected, expected_intensity = ledoit_wolf(pooled_centred(x, labels, 10))
+    expected, expected_intensity = reference(pooled_centred(x, labels, 10))
     assert 0.0 < expected_intensity < 1.0
-    shrunk = shrink(stream(x, labels, 10), "ledoit_wolf", ridge=0.5)
+    shrunk = shrink(stream(x, labels, 10), method, ridge=0.5)
     np.testing.assert_allclose(shrunk.numpy(), expected, atol=1e-9)
-
-
-@pytest.mark.parametrize("subset", [120, 1797])
-def test_oas_matches_sklearn_on_pooled_centred_data(digits, subset):
-    rng = np.random.default_rng(subset)
-    index = np.sort(rng.choice(len(digits[0]), subset, replace=False))
-    x, labels = digits[0][index], digits[1][index]
-    expected, expected_intensity = oas(pooled_centred(x, labels, 10))
-    assert 0.0 < expected_intensity < 1.0
-    np.testing.assert_allclose(shrink(stream(x, labels, 10), "oas", ridge=0.5).numpy(), expected, atol=1e-9)
 
 
 def test_ridge_adds_a_fraction_of_the_mean_variance(digits):

@@ -19,13 +19,7 @@ from edge_runtime.models.registry import build_classifier
 from edge_runtime.training.trainer import compute_mean_std
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU threads fighting other processes for two cores make these small models much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

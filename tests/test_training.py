@@ -29,13 +29,7 @@ RECIPE = TrainConfig(epochs=6, batch_size=64, lr=0.1, label_smoothing=0.1, flip=
 SHORT = RECIPE.model_copy(update={"epochs": 4, "batch_size": 128})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU threads fighting other processes for two cores make these small runs much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
