@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+DEFAULT_MODE = 0o644
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same directory, fsync, then rename."""
@@ -14,6 +16,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            # mkstemp makes the file private; keep a replaced file's mode, else make it world-readable.
+            os.fchmod(handle.fileno(), target.stat().st_mode & 0o777 if target.exists() else DEFAULT_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -25,3 +25,12 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_text_atomic(target, "half-written")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_new_files_are_readable_by_other_users_and_modes_are_kept(tmp_path):
+    fresh = tmp_path / "bundle.json"
+    write_text_atomic(fresh, "{}")
+    assert fresh.stat().st_mode & 0o777 == 0o644
+    fresh.chmod(0o600)
+    write_text_atomic(fresh, "{\"v\": 2}")
+    assert fresh.stat().st_mode & 0o777 == 0o600
