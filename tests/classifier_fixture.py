@@ -42,3 +42,26 @@ def known_digits(data: ImageSet, novel: int = 9) -> tuple[ImageSet, ImageSet]:
     known = data.subset(keep)
     labels = known.labels - (known.labels > novel)
     return ImageSet(known.images, labels, known.classes[:novel] + known.classes[novel + 1:], data.name), data.subset(~keep)
+
+
+def fitted_digits_gradients(test_images: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(features, logits, means, precision): the digits classifier's test outputs and a Ledoit-Wolf fit
+    of its last-layer gradients on the known training digits (D=64, C=9, K=585; digit 9 novel).
+
+    The shared real-data case of the kernel tests: accuracy claims rest on it, not on random tensors.
+    """
+    from calibration.gaussian import fit_tied_gaussian
+    from calibration.moments import ClassMoments
+    from edge_runtime.data.digits import load_digits_split
+    from kernels.reference import last_layer_gradients
+
+    known_train, _ = known_digits(load_digits_split("train"))
+    classifier = train_digit_classifier(known_train)
+    with torch.no_grad():
+        train_features, train_logits = classifier.embed(to_tensor(known_train.images))
+        features, logits = classifier.embed(to_tensor(load_digits_split("test").images[:test_images]))
+    labels = torch.from_numpy(known_train.labels)
+    moments = ClassMoments(9, 9 * 65)
+    moments.update(last_layer_gradients(train_features.double(), train_logits.double().softmax(dim=1), labels), labels)
+    gaussian = fit_tied_gaussian(moments, "ledoit_wolf", 1e-3)
+    return features, logits, gaussian.means, gaussian.precision

@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from classifier_fixture import known_digits, train_digit_classifier
+from classifier_fixture import fitted_digits_gradients
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from calibration.gaussian import fit_tied_gaussian
-from calibration.moments import ClassMoments
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.errors import ConfigError, InputError
@@ -30,7 +28,7 @@ from kernels import (
     prepare_last_layer_stats,
     score_last_layer,
 )
-from kernels.reference import kernel_order, last_layer_gradients, last_layer_scores
+from kernels.reference import kernel_order, last_layer_scores
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK_RESULTS = REPO.parent / "shared" / "tools" / "check_results.py"
@@ -38,29 +36,13 @@ CHECK_RESULTS = REPO.parent / "shared" / "tools" / "check_results.py"
 STATED_MAX_ERROR = {"fp32": 9e-7, "bf16x3": 2e-5, "fp16x3": 2e-6, "fp16": 2e-3, "bf16": 2e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: more threads only spin (training the fixture went 0.5 s -> 36 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def digits_case():
-    """Real digits: a trained MLP (D=64, C=9; digit 9 novel), Ledoit-Wolf fit on known training gradients,
-    and all 539 test images (known and novel) with their features and logits."""
-    known_train, _ = known_digits(load_digits_split("train"))
-    classifier = train_digit_classifier(known_train)
-    with torch.no_grad():
-        train_features, train_logits = classifier.embed(to_tensor(known_train.images))
-        features, logits = classifier.embed(to_tensor(load_digits_split("test").images))
-    labels = torch.from_numpy(known_train.labels)
-    moments = ClassMoments(9, 9 * 65)
-    moments.update(last_layer_gradients(train_features.double(), train_logits.double().softmax(dim=1), labels), labels)
-    gaussian = fit_tied_gaussian(moments, "ledoit_wolf", 1e-3)
-    return features, logits, gaussian.means, gaussian.precision
+    """(features, logits, means, precision) of the shared real-digits case."""
+    return fitted_digits_gradients()
 
 
 def _relative_error(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -21,19 +21,16 @@ else:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from classifier_fixture import known_digits, train_digit_classifier  # noqa: E402
+from classifier_fixture import fitted_digits_gradients  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
-from calibration.gaussian import fit_tied_gaussian  # noqa: E402
-from calibration.moments import ClassMoments  # noqa: E402
 from edge_runtime.data.digits import load_digits_split  # noqa: E402
 from edge_runtime.data.transforms import to_tensor  # noqa: E402
 from kernels.dispatch import per_sample_weight_gradients, score_last_layer  # noqa: E402
 from kernels.reference import (  # noqa: E402
     PRECISION_VARIANTS,
     closed_form_scores,
-    last_layer_gradients,
     last_layer_scores,
     prepare_last_layer_stats,
 )
@@ -53,29 +50,14 @@ def test_kernels_were_built_for_the_interpreter():
         "kernels.triton_fused was imported before this module set TRITON_INTERPRET=1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: more threads only spin (training the fixture went 0.5 s -> 36 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def digits_case():
-    """Real digits: a trained MLP (D=64, C=9; digit 9 novel), Ledoit-Wolf fit on known training gradients,
-    and all 539 test images (known and novel) with their features and softmax outputs."""
-    known_train, _ = known_digits(load_digits_split("train"))
-    classifier = train_digit_classifier(known_train)
-    with torch.no_grad():
-        train_features, train_logits = classifier.embed(to_tensor(known_train.images))
-        features, logits = classifier.embed(to_tensor(load_digits_split("test").images))
-    labels = torch.from_numpy(known_train.labels)
-    moments = ClassMoments(9, 9 * 65)
-    moments.update(last_layer_gradients(train_features.double(), train_logits.double().softmax(dim=1), labels), labels)
-    gaussian = fit_tied_gaussian(moments, "ledoit_wolf", 1e-3)
-    return features, logits.softmax(dim=1), gaussian.means, gaussian.precision
+    """(features, softmax outputs, means, precision) of the shared real-digits case."""
+    features, logits, means, precision = fitted_digits_gradients()
+    return features, logits.softmax(dim=1), means, precision
 
 
 def _relative_error(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
