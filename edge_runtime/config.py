@@ -161,6 +161,13 @@ class DeployConfig(_Section):
         return self
 
 
+class SessionConfig(_Section):
+    """A deployed session's adaptation policy and the largest batch it accepts."""
+
+    adapt_every: int = Field(200, gt=0, description="unlabeled stream samples observed between adaptation rounds")
+    max_batch: int = Field(1024, gt=0, description="largest batch observe() and predict() accept")
+
+
 class RunConfig(_Section):
     """A whole experiment: data, model, training, detection, memory and stream."""
 
@@ -174,6 +181,7 @@ class RunConfig(_Section):
     stream: StreamConfig = StreamConfig()
     ood_sets: tuple[OODSetConfig, ...] = ()
     deploy: DeployConfig = DeployConfig()
+    session: SessionConfig = SessionConfig()
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -7,8 +7,10 @@ after everything was fitted, and no threshold or hyper-parameter is read off it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from tqdm import tqdm
 from calibration.threshold import threshold_at_fpr
 
 from edge_runtime.config import RunConfig
+from edge_runtime.continual.learner import RoundReport
 from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit, build_stream
@@ -28,7 +31,8 @@ from edge_runtime.experiment import embed, known_test_set
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.reports import plot_score_histograms
-from edge_runtime.results import format_table
+from edge_runtime.results import format_table, metric_key
+from edge_runtime.session import Session
 
 
 SSL_MODES = ("memory_pu", "paper")  # ours first; the published Algorithm 1 is reported beside it
@@ -134,15 +138,65 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
     held-back known images that were never offered to the memory; its labels never reach the detector.
     """
     detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
-    n_known = cfg.stream.known_samples if cfg.stream.known_samples is not None else cfg.memory.budget
-    memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed)
+    memory, stream = adaptation_data(cfg, split, target.stream_pool)
     detector.set_memory(embed(classifier, memory, device, keep_images=detector.keep_images),
                         torch.from_numpy(memory.labels))
-    n_novel = min(cfg.stream.novel_samples, len(target.stream_pool))
-    stream = build_stream(known_pool, target.stream_pool, n_known, n_novel, cfg.stream.batch_size, cfg.seed)
     for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
         detector.observe(embed(classifier, batch, device, keep_images=detector.keep_images))
     return detector
+
+
+def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, list[ImageSet]]:
+    """(rehearsal memory, unlabeled stream batches) of the 9+1 protocol (DESIGN.md, 'Benchmark protocol').
+
+    The stream holds `stream.novel_samples` images of `novel_pool` (at most what it has) and
+    `stream.known_samples` (default: the memory budget) held-back known images that were never
+    offered to the memory; its labels ride along for evaluation only.
+    """
+    n_known = cfg.stream.known_samples if cfg.stream.known_samples is not None else cfg.memory.budget
+    memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed)
+    n_novel = min(cfg.stream.novel_samples, len(novel_pool))
+    return memory, build_stream(known_pool, novel_pool, n_known, n_novel, cfg.stream.batch_size, cfg.seed)
+
+
+def adapt_session(session: Session, stream: list[ImageSet], progress: bool = True,
+                  on_round: Callable[[RoundReport], None] | None = None) -> float:
+    """Feed the stream's images to the session batch by batch, then a last round over what is pending.
+
+    The stream's labels never reach the session. Returns the seconds spent inside the session;
+    `on_round` gets each round's report, and the time reports take is not counted.
+    """
+    seconds = 0.0
+    bar = tqdm(total=len(stream) + 1, desc="adapt", unit="batch", disable=not progress)
+    for batch in [*stream, None]:
+        started = time.perf_counter()
+        adapted = session.observe(batch.images) if batch is not None else session.adapt()
+        seconds += time.perf_counter() - started
+        if adapted and on_round is not None:
+            on_round(session.round_report())
+        bar.update()
+    bar.close()
+    return seconds
+
+
+def session_accuracy(session: Session, test: Observations, labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """single_head_acc of a session's learner per protocol on embedded test images (see router_accuracy)."""
+    def route(batch: Observations, protocol: str) -> np.ndarray:
+        return session.learner.route(batch, protocol).labels.numpy()
+
+    return router_accuracy(route, test, labels, len(session.learner.known_classes), batch_size)
+
+
+def session_metrics(session: Session, accuracy: dict[str, float], seconds: float, state_bytes: int,
+                    tag: str, novel: str) -> dict[str, float]:
+    """The 9+1 result names of DESIGN.md for one adapted session: accuracy per protocol, cost, footprint."""
+    budget = f"budget{session.config.memory.budget}"
+    footprint = session.memory_footprint()
+    metrics = {metric_key("single_head_acc", protocol, budget, tag, novel): accuracy[protocol] for protocol in PROTOCOLS}
+    return metrics | {metric_key("adapt_seconds", budget, tag, novel): seconds,
+                      metric_key("state_bytes", budget, tag, novel): state_bytes,
+                      metric_key("memory_bytes", "host", budget, tag, novel): footprint.host_bytes,
+                      metric_key("memory_bytes", "device", budget, tag, novel): footprint.device_bytes}
 
 
 def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassifier, split: NovelClassSplit,
@@ -161,31 +215,38 @@ def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassif
                           detector.name)
 
 
-def single_head_accuracy(test: Observations, labels: np.ndarray, novel: np.ndarray) -> float:
-    """10-way accuracy of the 9+1 router: flagged inputs get the new class index K, others argmax."""
-    new_class = test.logits.shape[1]
-    predictions = np.where(novel, new_class, test.logits.argmax(dim=1).numpy())
-    return float((predictions == labels).mean())
+def router_accuracy(route: Callable[[Observations, str], np.ndarray], test: Observations, labels: np.ndarray,
+                    novel_index: int, batch_size: int) -> dict[str, float]:
+    """Single-head accuracy {protocol: fraction} (per_sample first) of `route(batch, protocol) -> labels`.
+
+    Test batches are cut within the known part and within each novel class, as the paper's
+    `homogeneous_batches` protocol does; under `per_sample` every image is decided alone anyway.
+    """
+    groups = [labels < novel_index, *(labels == c for c in np.unique(labels[labels >= novel_index]))]
+    accuracy = {}
+    for protocol in PROTOCOLS:
+        predicted = np.empty(len(test), dtype=np.int64)
+        for group in groups:
+            index = np.flatnonzero(group)
+            for start in range(0, len(index), batch_size):
+                chunk = index[start:start + batch_size]
+                predicted[chunk] = route(test.select(torch.from_numpy(chunk)), protocol)
+        accuracy[protocol] = float((predicted == labels).mean())
+    return accuracy
 
 
 def router_metrics(detector: Detector, threshold: float, split: NovelClassSplit, test: Observations,
                    batch_size: int, budget: int, tag: str, name: str) -> dict[str, float]:
-    """single_head_acc of the 9+1 router (novel when score > threshold) under both protocols.
-
-    For `homogeneous_batches` the test batches are cut within the known part and within the
-    novel part, as the paper's protocol does; `per_sample` scores every image alone.
-    """
-    labels = split.test.labels
+    """single_head_acc of the 9+1 router under both protocols: novel (index K) when score > threshold, else argmax."""
     novel_index = len(split.known_classes)
-    metrics = {}
-    for protocol in PROTOCOLS:
-        scores = np.empty(len(test), dtype=np.float32)
-        for group in (labels < novel_index, labels == novel_index):
-            index = np.flatnonzero(group)
-            scores[index] = score_by_protocol(detector, test.select(torch.from_numpy(index)), protocol, batch_size)
-        key = f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{name}"
-        metrics[key] = single_head_accuracy(test, labels, scores > threshold)
-    return metrics
+
+    def route(batch: Observations, protocol: str) -> np.ndarray:
+        novel = detector.score_protocol(batch, protocol).cpu().numpy() > threshold
+        return np.where(novel, novel_index, batch.logits.argmax(dim=1).numpy())
+
+    accuracy = router_accuracy(route, test, split.test.labels, novel_index, batch_size)
+    return {f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{name}": value
+            for protocol, value in accuracy.items()}
 
 
 def _named(values: dict[str, float], protocol: str, detector: str, tag: str, target: str) -> dict[str, float]:
@@ -203,3 +264,14 @@ def auroc_tables(metrics: dict[str, float], tag: str, targets: list[str]) -> str
                 for d in detectors]
         blocks.append(f"AUROC, protocol {protocol} ({tag} vs ...)\n" + format_table(rows, ["detector", *targets]))
     return "\n\n".join(blocks)
+
+
+def router_table(metrics: dict[str, float]) -> str:
+    """9+1 single-head accuracy per protocol (per_sample first) and router; '' when none was measured."""
+    keys = sorted((k for k in metrics if k.startswith("single_head_acc/")),
+                  key=lambda k: (PROTOCOLS.index(k.split("/")[1]), k))
+    if not keys:
+        return ""
+    rows = [[*k.split("/")[1:], metrics[k]] for k in keys]
+    return ("9+1 single-head accuracy on the whole test split\n"
+            + format_table(rows, ["protocol", "known data", "classes", "novel", "router", "accuracy"]))

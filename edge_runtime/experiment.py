@@ -21,6 +21,7 @@ from edge_runtime.errors import StateError
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.persistence import load_classifier, save_classifier
 from edge_runtime.models.registry import build_classifier
+from edge_runtime.reports import plot_training_loss
 from edge_runtime.training.trainer import TrainReport, compute_mean_std, train_classifier
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -95,13 +96,14 @@ def known_test_set(split: NovelClassSplit) -> ImageSet:
 
 def train_frozen_classifier(cfg: RunConfig, split: NovelClassSplit, device: torch.device, out_dir: Path,
                             resume: bool = False, progress: bool = True) -> tuple[FrozenClassifier, TrainReport]:
-    """Train on the known classes, checkpointing into out_dir, and save the final classifier there."""
+    """Train on the known classes, checkpointing into out_dir; save the classifier and a loss plot there."""
     torch.manual_seed(cfg.seed)
     mean, std = compute_mean_std(split.train)
     classifier = build_classifier(cfg.model, len(split.known_classes), mean, std)
     report = train_classifier(classifier, split.train, cfg.train, device, seed=cfg.seed,
                               checkpoint=out_dir / CHECKPOINT_FILE, resume=resume, progress=progress)
     save_classifier(out_dir / CLASSIFIER_FILE, classifier, cfg.model, split.known_classes)
+    plot_training_loss(report.history, out_dir / "training_loss.png")
     return classifier, report
 
 

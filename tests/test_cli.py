@@ -100,6 +100,6 @@ def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
     done = subprocess.run([str(Path(sys.executable).parent / "edge-runtime"), "demo", "--out", str(out), *QUICK],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "9+1 single-head accuracy" in done.stdout
+    assert "9+1 single-head accuracy" in done.stdout and "demo finished" in done.stdout
     metrics = _result(out)["metrics"]
     assert any(k.startswith("single_head_acc/per_sample/") for k in metrics)

@@ -1,17 +1,20 @@
-"""`edge-runtime evaluate`: every detector against every OOD target, both protocols."""
+"""`edge-runtime evaluate`: every detector against every OOD target, both protocols, and the 9+1 router."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.config import RunConfig
 from edge_runtime.device import resolve_device
-from edge_runtime.evaluation import auroc_tables, evaluate_detectors, ood_targets
-from edge_runtime.experiment import dataset_tag, obtain_classifier, output_dir, prepare_data
+from edge_runtime.evaluation import auroc_tables, evaluate_detectors, ood_targets, router_table
+from edge_runtime.experiment import dataset_tag, known_test_set, obtain_classifier, output_dir, prepare_data
 from edge_runtime.metrics import POSITIVE_CLASS_NOTE
 from edge_runtime.results import write_result
+from edge_runtime.training.trainer import evaluate_accuracy
 
-HELP = "evaluate novelty detectors (rows) against OOD sets (columns) under both protocols"
+HELP = "evaluate novelty detectors (rows) against OOD sets (columns) under both protocols, and the 9+1 router"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,15 +23,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    out = output_dir(args.out)
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg, args.progress)
-    classifier = obtain_classifier(cfg, data.split, device, out, args.classifier, args.progress)
-    targets = ood_targets(data.split, data.ood_sets, cfg.seed)
-    tag = dataset_tag(cfg, data.split)
-    metrics = evaluate_detectors(cfg, classifier, data.split, targets, device, tag, out, args.progress)
-    write_result(out, cfg.model_dump(mode="json"), metrics, device)
-    print(auroc_tables(metrics, tag, [t.name for t in targets]))
-    print(POSITIVE_CLASS_NOTE)
+    evaluate_and_report(config_from_args(args), Path(args.out), args.classifier, args.progress)
     return 0
+
+
+def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, progress: bool) -> dict[str, float]:
+    """Prepare data, get the classifier, evaluate everything, write result.json and print the tables."""
+    out = output_dir(out)
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg, progress)
+    split = data.split
+    classifier = obtain_classifier(cfg, split, device, out, classifier_path, progress)
+    tag = dataset_tag(cfg, split)
+    metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)}
+    targets = ood_targets(split, data.ood_sets, cfg.seed)
+    metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress)
+    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+
+    print(f"\nknown classes {', '.join(split.known_classes)}; novel class {split.novel_class}; device {device}")
+    print(f"frozen classifier test accuracy on the known classes: {metrics[f'idd_acc/{tag}']:.4f}\n")
+    print(auroc_tables(metrics, tag, [t.name for t in targets]))
+    if routers := router_table(metrics):
+        print("\n" + routers)
+    print(f"\n{POSITIVE_CLASS_NOTE}\nresults in {out / 'result.json'}")
+    return metrics

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from edge_runtime import __version__
-from edge_runtime.cli import demo, evaluate, train
+from edge_runtime.cli import adapt, bench, demo, evaluate, export, train
 from edge_runtime.errors import EdgeRuntimeError
 
-SUBCOMMANDS = {"train": train, "evaluate": evaluate, "demo": demo}
+SUBCOMMANDS = {"train": train, "evaluate": evaluate, "demo": demo, "adapt": adapt, "bench": bench, "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ from edge_runtime.cli.common import add_run_arguments, config_from_args
 from edge_runtime.device import resolve_device
 from edge_runtime.experiment import (CLASSIFIER_FILE, dataset_tag, known_test_set, output_dir, prepare_data,
                                      train_frozen_classifier)
-from edge_runtime.reports import plot_training_loss
 from edge_runtime.results import format_table, write_result
 from edge_runtime.training.trainer import evaluate_accuracy
 
@@ -30,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
     tag = dataset_tag(cfg, split)
     metrics = {f"idd_acc/{tag}": accuracy, f"train_seconds/{tag}": report.seconds}
     write_result(out, cfg.model_dump(mode="json"), metrics, device)
-    plot_training_loss(report.history, out / "training_loss.png")
     print(format_table([[tag, accuracy, report.epochs_run, report.seconds]],
                        ["known classes", "test accuracy", "epochs run", "seconds"]))
     print(f"classifier saved to {out / CLASSIFIER_FILE}")

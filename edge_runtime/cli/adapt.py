@@ -1,0 +1,73 @@
+"""`edge-runtime adapt`: run a session over the configured unlabeled stream, log each round, save it."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.continual.learner import RoundReport
+from edge_runtime.detectors.base import PROTOCOLS
+from edge_runtime.device import resolve_device
+from edge_runtime.errors import ConfigError
+from edge_runtime.evaluation import adapt_session, adaptation_data, session_accuracy, session_metrics
+from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data
+from edge_runtime.results import format_table, metric_key, write_result
+from edge_runtime.session import Session
+
+HELP = "adapt a session to the configured unlabeled stream (held-out class + known images); log rounds, save state"
+STATE_FILE = "session.state"
+ROUNDS_FILE = "rounds.csv"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if cfg.data.novel_class is None:
+        raise ConfigError("data.novel_class is not set: adapt needs a held-out class for the stream to bring")
+    out = output_dir(args.out)
+    device = resolve_device(cfg.device)
+    split = prepare_data(cfg, args.progress).split
+    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
+    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device=device)
+    rounds: list[RoundReport] = []
+
+    def log(report: RoundReport) -> None:
+        rounds.append(report)
+        tqdm.write(f"round {report.round:3d}  pool {report.pool_size:6d}  novel share {report.novel_share:.3f}  "
+                   f"separation AUROC (out-of-fold) {report.separation_auroc:.4f}  "
+                   f"pseudo-label accuracy {report.pseudo_label_acc:.4f}")
+
+    seconds = adapt_session(session, stream, args.progress, log)
+    state_bytes = session.save(out / STATE_FILE)
+    write_rounds(rounds, out / ROUNDS_FILE)
+    test = embed(classifier, split.test, device, keep_images=session.keep_pixels)
+    accuracy = session_accuracy(session, test, split.test.labels, cfg.stream.batch_size)
+
+    tag = dataset_tag(cfg, split)
+    metrics = session_metrics(session, accuracy, seconds, state_bytes, tag, split.novel_class)
+    if rounds:
+        metrics[metric_key("separation_auroc", f"budget{cfg.memory.budget}", tag, split.novel_class)] = \
+            rounds[-1].separation_auroc
+    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+    print(format_table([[protocol, accuracy[protocol]] for protocol in PROTOCOLS],
+                       ["protocol", f"single-head accuracy ({len(session.classes)} classes)"]))
+    print(f"adapted in {seconds:.1f} s over {session.rounds} rounds; state {state_bytes} bytes in {out / STATE_FILE}")
+    return 0
+
+
+def write_rounds(rounds: list[RoundReport], path: Path) -> None:
+    """The per-round log as CSV, one row per adaptation round."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RoundReport.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(report) for report in rounds)

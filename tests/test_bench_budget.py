@@ -1,0 +1,99 @@
+"""`edge-runtime bench budget` on digits: the Table 4 layout with tiny budgets, two novel classes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli.bench import PAPER_TABLE4, budget_markdown
+from edge_runtime.cli.main import main
+from edge_runtime.config import load_config, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/digits.yaml")
+QUICK = ["--no-progress", "--set", "train.epochs=5", "--set", "detector.name=grad_mahalanobis_ssl"]
+NOVEL = ("3", "9")
+BUDGETS = (30, 60)
+
+
+def _metrics(out: Path) -> dict[str, float]:
+    return json.loads((out / "result.json").read_text())["metrics"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("budget")
+    assert main(["bench", "budget", "--config", CONFIG, "--budgets", ",".join(map(str, BUDGETS)),
+                 "--novel", ",".join(NOVEL), "--out", str(out), *QUICK]) == 0
+    return out
+
+
+def test_every_class_budget_and_protocol_is_measured(bench):
+    metrics = _metrics(bench)
+    for novel in NOVEL:
+        assert metrics[f"idd_acc/digits-9/{novel}"] > 0.9
+        for budget in BUDGETS:
+            for protocol in ("per_sample", "homogeneous_batches"):
+                assert metrics[f"single_head_acc/{protocol}/budget{budget}/digits-9/{novel}"] >= 0.8
+            assert metrics[f"adapt_seconds/budget{budget}/digits-9/{novel}"] > 0
+            assert metrics[f"state_bytes/budget{budget}/digits-9/{novel}"] > 0
+    # A bigger memory costs proportionally more host bytes (the budget is allocated up front).
+    small, large = (metrics[f"memory_bytes/host/budget{b}/digits-9/3"] for b in BUDGETS)
+    assert large == pytest.approx(2 * small)
+    checker = ROOT.parent / "shared" / "tools" / "check_results.py"
+    checked = subprocess.run([sys.executable, str(checker), str(bench / "result.json")], check=False, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+def test_markdown_table_and_bar_chart_are_written(bench):
+    report = (bench / "budget.md").read_text()
+    assert report.index("protocol `per_sample`") < report.index("protocol `homogeneous_batches`")
+    assert "| budget    | 3     | 9     | mean  |" in report and "30 (ours)" in report and "60 (ours)" in report
+    assert "paper" not in report  # the paper's row belongs to CIFAR-10 only
+    assert "adapt seconds" in report
+    assert (bench / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_classifiers_are_reused_and_give_the_same_numbers(bench, tmp_path):
+    classifier = bench / "classifiers" / "3" / "classifier.safetensors"
+    stamp = classifier.stat().st_mtime_ns
+    out = tmp_path / "again"
+    assert main(["bench", "budget", "--config", CONFIG, "--budgets", "30", "--novel", "3", "--out", str(out),
+                 "--classifier-dir", str(bench / "classifiers"), *QUICK]) == 0
+    assert classifier.stat().st_mtime_ns == stamp
+    key = "single_head_acc/per_sample/budget30/digits-9/3"
+    assert _metrics(out)[key] == _metrics(bench)[key]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--novel", "dragon"], "not a class of digits"),
+    (["--novel", "3", "--set", "memory.policy=fifo"], "memory.policy"),
+])
+def test_bad_choices_are_one_clear_line(args, message, tmp_path, capsys):
+    assert main(["bench", "budget", "--config", CONFIG, "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_budgets_and_missing_action_are_usage_errors(tmp_path):
+    for argv in (["bench", "budget", "--config", CONFIG, "--out", str(tmp_path), "--budgets", "0,500"], ["bench"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2
+
+
+def test_cifar10_tables_carry_the_papers_row_beside_ours():
+    cfg = with_overrides(load_config(ROOT / "configs/cifar10.yaml"), {"detector.name": "grad_mahalanobis_ssl"})
+    classes, budgets = ("airplane", "cat"), (500,)
+    given = {"per_sample": 0.9, "homogeneous_batches": 0.8}  # stand-in accuracies: this checks the layout only
+    metrics = {f"single_head_acc/{p}/budget500/cifar10-9/{c}": v for p, v in given.items() for c in classes}
+    metrics |= {f"{family}/budget500/cifar10-9/{c}": 1.0 for family in ("adapt_seconds", "state_bytes",
+                "memory_bytes/host", "memory_bytes/device") for c in classes}
+    metrics |= {f"idd_acc/cifar10-9/{c}": 0.95 for c in classes}
+    report = budget_markdown(metrics, cfg, "cifar10-9", classes, budgets)
+    paper_mean = (PAPER_TABLE4[500][0] + PAPER_TABLE4[500][3]) / 2
+    assert f"| 500 (paper, Table 4) | 90.58    | 91.70 | {paper_mean:.2f} |" in report
+    assert "| 500 (ours)           | 90.00    | 90.00 | 90.00 |" in report
