@@ -10,10 +10,8 @@ leaves the session as it was. What the session holds is bounded over an endless 
 memory by its budget, the pending samples by `adapt_every` plus one batch, the head's pool by
 `detector.pool_size`.
 
-Threads: `predict` may be called from one thread while another runs `observe`/`adapt`. Two locks
-make it so: one around the frozen classifier's forward pass (`FrozenClassifier.embed` captures the
-features with a module hook, which a concurrent forward would feed too), one around the learner
-state. A `predict` arriving during an adaptation round embeds its frames at once and waits only
+Threads: `predict` may be called from one thread while another runs `observe`/`adapt`. A lock
+around the learner state makes it so (the frozen classifier's `embed` is itself thread-safe). A `predict` arriving during an adaptation round embeds its frames at once and waits only
 for the round to finish to route them, so every prediction comes from one whole set of heads,
 never a half-trained one. Every other method takes the state lock, so `save` writes a consistent
 snapshot.
@@ -178,7 +176,7 @@ class Session:
             session.observed, session.rounds = int(state["observed"]), int(state["rounds"])
             session._pending = [Observations(batch.get("images"), batch["features"], batch["logits"])
                                 for batch in state["pending"]]
-        except (ConfigError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (ConfigError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise StateError(f"{path}: the state passes its checksum but does not fit this runtime: {exc}") from exc
         return session
 
@@ -189,7 +187,6 @@ class Session:
         self.classifier = classifier.eval().to(self.device)
         self.keep_pixels = needs_pixels(config.detector)
         self._lock = threading.RLock()  # the learner state; re-entrant: observe() runs adapt() holding it
-        self._classifier_lock = threading.Lock()  # the classifier's forward pass (see the module docstring)
 
     def _state(self) -> dict[str, Any]:
         pending = [{key: value for key, value in (("images", b.images), ("features", b.features), ("logits", b.logits))
@@ -236,8 +233,7 @@ class Session:
     @torch.no_grad()
     def _embed(self, pixels: torch.Tensor) -> Observations:
         """The frozen classifier's features and logits (on the host, where the heads run)."""
-        with self._classifier_lock:
-            features, logits = self.classifier.embed(pixels)
+        features, logits = self.classifier.embed(pixels)
         images = pixels.cpu() if self.keep_pixels else None
         return Observations(images, features.float().cpu(), logits.float().cpu())
 

@@ -6,12 +6,20 @@ depending on the full training pipeline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
+from edge_runtime.config import load_config, with_overrides
 from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.models.base import FrozenClassifier
+from edge_runtime.models.registry import build_classifier
+from edge_runtime.session import Session
+from edge_runtime.training.trainer import compute_mean_std, train_classifier
 
 
 def train_digit_classifier(train: ImageSet, steps: int = 300, seed: int = 0) -> FrozenClassifier:
@@ -65,3 +73,25 @@ def fitted_digits_gradients(test_images: int | None = None) -> tuple[torch.Tenso
     moments.update(last_layer_gradients(train_features.double(), train_logits.double().softmax(dim=1), labels), labels)
     gaussian = fit_tied_gaussian(moments, "ledoit_wolf", 1e-3)
     return features, logits, gaussian.means, gaussian.precision
+
+
+def digits_session(overrides: dict[str, object], epochs: int = 3) -> tuple[Session, ImageSet]:
+    """(a Session on configs/digits.yaml with `overrides`, the known digits it was not given).
+
+    The small CNN is trained on digits 0-8 for a few epochs (a few seconds on one core), the memory
+    holds `memory.budget` known training images, and the returned set holds the remaining known
+    training images plus the 9s, for streaming: enough for reliability tests, not for accuracy claims.
+    """
+    root = Path(__file__).resolve().parents[1]
+    cfg = with_overrides(load_config(root / "configs/digits.yaml"), {"train.epochs": epochs, **overrides})
+    known, novel = known_digits(load_digits_split("train"))
+    order = np.random.default_rng(cfg.seed).permutation(len(known))
+    memory, rest = known.subset(order[:cfg.memory.budget]), known.subset(order[cfg.memory.budget:])
+    torch.manual_seed(cfg.seed)
+    classifier = build_classifier(cfg.model, len(known.classes), *compute_mean_std(rest))
+    train_classifier(classifier, rest, cfg.train, torch.device("cpu"), seed=cfg.seed, progress=False)
+    session = Session(cfg, classifier, known.classes, memory, "9", device="cpu")
+    stream = ImageSet(np.concatenate([rest.images, novel.images]),
+                      np.concatenate([rest.labels, np.full(len(novel), len(known.classes))]),
+                      known.classes + ("9",), "digits-stream")
+    return session, stream

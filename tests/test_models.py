@@ -128,3 +128,30 @@ def test_init_whitening_rejects_other_models_and_bad_images(digits):
     fast = build_classifier(ModelConfig(arch="fastnet", input_size=16), 9, (0.3,), (0.4,))
     with pytest.raises(InputError, match=r"\[N,1,H,W\]"):
         init_whitening(fast, _pixels(digits, 16, 3, 4))
+
+
+def test_embed_keeps_features_of_its_own_thread_only(digits):
+    """Two threads embedding different batches through one model each get their own features."""
+    import threading
+
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(arch="small_cnn", input_size=8, in_channels=1, width=8), 9,
+                             (0.5,), (0.25,)).eval()
+    batches = [_pixels(digits, 8, 1, 64), _pixels(digits, 8, 1, 64).flip(0)]
+    with torch.no_grad():
+        expected = [model.embed(b)[0] for b in batches]
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        with torch.no_grad():
+            for _ in range(50):
+                features, logits = model.embed(batches[index])
+                if not torch.equal(features, expected[index]):
+                    failures.append(f"thread {index} got another thread's features")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -50,9 +52,19 @@ class FrozenClassifier(nn.Module):
         return self.network(x)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, D], logits [B, C]) for pixels x in [0, 1], NCHW."""
+        """(features [B, D], logits [B, C]) for pixels x in [0, 1], NCHW.
+
+        Safe to call from several threads: the hook keeps only the final layer's input of the
+        forward pass running in the calling thread.
+        """
         captured: list[torch.Tensor] = []
-        handle = self.final_linear.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        caller = threading.get_ident()
+
+        def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            if threading.get_ident() == caller:
+                captured.append(inputs[0])
+
+        handle = self.final_linear.register_forward_hook(capture)
         try:
             logits = self.network(x)
         finally:
