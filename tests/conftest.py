@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_CHECKER = REPO_ROOT.parent / "shared" / "tools" / "check_results.py"
+
+
+@pytest.fixture(scope="session")
+def check_results() -> Callable[[Path], None]:
+    """Run the shared result-contract checker on a file or folder; any problem fails the test."""
+    if not RESULT_CHECKER.is_file():
+        pytest.fail(f"the shared result checker is missing: {RESULT_CHECKER}")
+
+    def check(path: Path) -> None:
+        done = subprocess.run([sys.executable, str(RESULT_CHECKER), str(path)], capture_output=True, text=True,
+                              cwd=REPO_ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    return check

@@ -40,7 +40,7 @@ def test_each_round_is_logged_and_written(adapted):
     assert 0.0 < float(rows[-1]["novel_share"]) < 1.0 and float(rows[-1]["separation_auroc"]) > 0.6
 
 
-def test_result_file_holds_accuracy_per_protocol_cost_and_footprint(adapted):
+def test_result_file_holds_accuracy_per_protocol_cost_and_footprint(adapted, check_results):
     out, printed = adapted
     metrics = json.loads((out / "result.json").read_text())["metrics"]
     for protocol in ("per_sample", "homogeneous_batches"):
@@ -49,9 +49,7 @@ def test_result_file_holds_accuracy_per_protocol_cost_and_footprint(adapted):
     assert metrics["state_bytes/budget100/digits-9/9"] == (out / "session.state").stat().st_size
     assert metrics["memory_bytes/host/budget100/digits-9/9"] > 0
     assert printed.index("per_sample") < printed.index("homogeneous_batches")
-    checker = ROOT.parent / "shared" / "tools" / "check_results.py"
-    checked = subprocess.run([sys.executable, str(checker), str(out / "result.json")], check=False, capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout
+    check_results(out / "result.json")
 
 
 def test_saved_session_resumes_with_the_learned_class(adapted, digits_test):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ def bench(tmp_path_factory):
     return out
 
 
-def test_every_class_budget_and_protocol_is_measured(bench):
+def test_every_class_budget_and_protocol_is_measured(bench, check_results):
     metrics = _metrics(bench)
     for novel in NOVEL:
         assert metrics[f"idd_acc/digits-9/{novel}"] > 0.9
@@ -44,9 +42,7 @@ def test_every_class_budget_and_protocol_is_measured(bench):
     # A bigger memory costs proportionally more host bytes (the budget is allocated up front).
     small, large = (metrics[f"memory_bytes/host/budget{b}/digits-9/3"] for b in BUDGETS)
     assert large == pytest.approx(2 * small)
-    checker = ROOT.parent / "shared" / "tools" / "check_results.py"
-    checked = subprocess.run([sys.executable, str(checker), str(bench / "result.json")], check=False, capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout
+    check_results(bench / "result.json")
 
 
 def test_markdown_table_and_bar_chart_are_written(bench):

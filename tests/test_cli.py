@@ -62,10 +62,8 @@ def test_evaluate_reports_both_protocols_per_sample_first(trained, tmp_path, cap
     assert (out / "scores.png").stat().st_size > 0
 
 
-def test_checker_accepts_what_evaluate_writes(trained):
-    checker = ROOT.parent / "shared" / "tools" / "check_results.py"
-    done = subprocess.run([sys.executable, str(checker), str(trained / "result.json")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
+def test_checker_accepts_what_train_writes(trained, check_results):
+    check_results(trained / "result.json")
 
 
 def test_classifier_for_other_classes_is_refused(trained, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from kernels import (
 from kernels.reference import kernel_order, last_layer_scores
 
 REPO = Path(__file__).resolve().parent.parent
-CHECK_RESULTS = REPO.parent / "shared" / "tools" / "check_results.py"
 # The closed-form torch path rounds like the fused kernels; bounds are kernels/triton_fused.py's, with 3x room.
 STATED_MAX_ERROR = {"fp32": 9e-7, "bf16x3": 2e-5, "fp16x3": 2e-6, "fp16": 2e-3, "bf16": 2e-2}
 
@@ -173,7 +171,7 @@ def test_per_sample_gradients_refuse_layers_they_do_not_cover():
         per_sample_weight_gradients(nn.Conv2d(4, 4, 3), x, torch.zeros(2, 4, 5, 5))
 
 
-def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch):
+def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch, check_results):
     spec = importlib.util.spec_from_file_location("kernels_benchmark", REPO / "benchmarks" / "kernels.py")
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up while being built
@@ -186,7 +184,4 @@ def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch):
     assert metrics["speedup/closed_form/bf16x3/b16_k27"] == 1.0
     assert "samples_per_s/loop/bf16x3/b16_k27" not in metrics  # autograd baselines have no split variant
     assert 0 < metrics["end_to_end_fraction/fp32/b8"]
-    if CHECK_RESULTS.is_file():
-        check = subprocess.run([sys.executable, str(CHECK_RESULTS), str(tmp_path)], capture_output=True, text=True,
-                               check=False)
-        assert check.returncode == 0, check.stdout
+    check_results(tmp_path)

@@ -1,8 +1,6 @@
 """Result files: written in the contract, and every committed one passes the shared checker."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,20 +8,16 @@ import pytest
 from edge_runtime.results import format_table, metric_key, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKER = ROOT.parent / "shared" / "tools" / "check_results.py"
 
 
-def test_written_result_follows_the_contract(tmp_path):
+def test_written_result_follows_the_contract(tmp_path, check_results):
     path = write_result(tmp_path, {"seed": 0}, {"auroc/per_sample/msp/digits-9_vs_9": 0.75}, "cpu",
                         command="edge-runtime evaluate --config x")
     doc = json.loads(path.read_text())
     assert doc["device"].startswith("cpu: ")
     assert doc["metrics"] == {"auroc/per_sample/msp/digits-9_vs_9": 0.75}
     assert doc["created"].endswith("Z")
-    if not CHECKER.exists():
-        pytest.fail(f"the shared result checker is missing: {CHECKER}")
-    checked = subprocess.run([sys.executable, str(CHECKER), str(path)], capture_output=True, text=True, cwd=ROOT)
-    assert checked.returncode == 0, checked.stdout
+    check_results(path)
 
 
 def test_bad_metric_names_and_values_are_refused(tmp_path):
@@ -46,9 +40,5 @@ def test_format_table_aligns_columns():
     assert "0.9123" in text
 
 
-def test_committed_results_pass_the_shared_checker():
-    if not CHECKER.exists():
-        pytest.fail(f"the shared result checker is missing: {CHECKER}")
-    checked = subprocess.run([sys.executable, str(CHECKER), "benchmarks/results"], capture_output=True,
-                             text=True, cwd=ROOT)
-    assert checked.returncode == 0, checked.stdout
+def test_committed_results_pass_the_shared_checker(check_results):
+    check_results(ROOT / "benchmarks" / "results")
