@@ -54,9 +54,12 @@ def ood_targets(split: NovelClassSplit, ood_sets: dict[str, ImageSet], seed: int
         novel_test = split.test.subset(split.test.labels == len(split.known_classes))
         targets.append(OODTarget(split.novel_class, split.novel_train, novel_test))
     for name, images in ood_sets.items():
-        order = np.random.default_rng(seed).permutation(len(images))
-        half = len(images) // 2
-        targets.append(OODTarget(name, images.subset(order[:half]), images.subset(order[half:])))
+        # An outside set's own classes mean nothing here: all of it is the one novel input type.
+        novel = ImageSet(images.images, np.full(len(images), len(split.known_classes), dtype=np.int64),
+                         split.known_classes + (name,), name)
+        order = np.random.default_rng(seed).permutation(len(novel))
+        half = len(novel) // 2
+        targets.append(OODTarget(name, novel.subset(order[:half]), novel.subset(order[half:])))
     return targets
 
 

@@ -101,3 +101,16 @@ def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
     assert "9+1 single-head accuracy" in done.stdout and "demo finished" in done.stdout
     metrics = _result(out)["metrics"]
     assert any(k.startswith("single_head_acc/per_sample/") for k in metrics)
+
+
+def test_evaluate_adapts_to_an_outside_ood_set(trained, tmp_path, shared_data):
+    """MNIST digits (another data set, with classes of its own) as the novel input type of a digits run."""
+    out = tmp_path / "mnist"
+    code = main(["evaluate", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                 "--classifier", str(trained / "classifier.safetensors"), *QUICK,
+                 "--set", "ood_sets=[{dataset: mnist, limit: 240}]", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    metrics = _result(out)["metrics"]
+    for protocol in ("per_sample", "homogeneous_batches"):
+        assert 0.0 <= metrics[f"auroc/{protocol}/grad_mahalanobis_ssl_memory_pu/digits-9_vs_mnist"] <= 1.0
+        assert 0.0 <= metrics[f"auroc/{protocol}/msp/digits-9_vs_mnist"] <= 1.0
