@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+# Without a GPU, Triton kernels run only in its interpreter, and the flag must be set before any test
+# module imports them (kernels/__init__ does), so it is set here, first.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
