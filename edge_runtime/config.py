@@ -100,10 +100,64 @@ class BinaryHeadConfig(_Section):
     width: int = Field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
 
 
+class VAEGradientConfig(_Section):
+    """VAE gradient detector (Kwon et al.): a VAE on known images, per-sample gradients of its
+    reconstruction loss as features, and a head that scores them (the paper's noise classifier or ours)."""
+
+    feature: Literal["gradient", "reconstruction", "latent"] = Field(
+        "gradient", description="gradient = the method; reconstruction (error vector) and latent (KL per "
+        "dimension) are the paper's activation baselines under the same head")
+    site: Literal["first_decoder", "last_decoder"] = Field(
+        "first_decoder", description="gradient site: first decoder layer for novel classes, last for novel conditions")
+    latent_dim: int = Field(16, gt=0, le=1024)
+    width: int = Field(16, gt=0, le=1024, description="channels of the VAE's first conv layer (doubled in the second)")
+    decoder_hidden: int = Field(64, gt=0, le=4096, description="units of the first decoder layer (the gradient site)")
+    vae_epochs: int = Field(100, gt=0, le=10_000)
+    vae_lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, gt=0)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="known images kept out of the VAE, used to "
+                                    "fit the head on features of images the VAE has not memorised")
+    head: Literal["noise_classifier", "mahalanobis"] = Field(
+        "mahalanobis", description="noise_classifier = the paper's 2-layer classifier, known vs noise-distorted known "
+        "images; mahalanobis = squared Mahalanobis distance to the held-out known features (Ledoit-Wolf)")
+    noise_std: float = Field(0.3, gt=0.0, le=2.0, description="std of the Gaussian noise that makes stand-in outliers")
+    classifier_hidden: int = Field(128, gt=0, le=4096)
+    classifier_epochs: int = Field(50, gt=0, le=10_000)
+    classifier_lr: float = Field(1e-3, gt=0.0)
+
+
+class DROCCConfig(_Section):
+    """DROCC / DROCC-LF (Goyal et al.): one-class classifier trained against adversarially searched
+    negatives in the annulus radius <= ||x~ - x|| <= gamma * radius (DROCC-LF: feature-weighted norm)."""
+
+    radius: float = Field(8.0, gt=0.0, description="annulus inner radius r, in standardised input units")
+    gamma: float = Field(2.0, ge=1.0, description="annulus outer radius = gamma * radius")
+    mu: float = Field(1.0, ge=0.0, description="weight of the adversarial negatives' loss")
+    ce_epochs: int = Field(0, ge=0, description="initial epochs of cross-entropy only, before any adversarial search")
+    epochs: int = Field(40, gt=0, le=10_000, description="all epochs, the cross-entropy-only ones included")
+    ascent_steps: int = Field(50, gt=0, le=1000)
+    ascent_step_size: float = Field(1e-3, gt=0.0)
+    projection_interval: int = Field(10, gt=0, description="project onto the annulus every this many ascent steps")
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(256, gt=0)
+    width: int = Field(32, gt=0, le=1024, description="channels of the LeNet's first conv layer / MLP hidden units")
+    lf_negatives: int = Field(64, ge=0, description="drocc_lf on images: noise-distorted known images used as the "
+                              "few labelled negatives that shape the feature weights")
+    noise_std: float = Field(0.3, gt=0.0, le=2.0, description="std of the noise making drocc_lf's stand-in negatives")
+
+    @model_validator(mode="after")
+    def _ce_epochs_leave_room(self) -> "DROCCConfig":
+        if self.ce_epochs >= self.epochs:
+            raise ValueError(f"ce_epochs ({self.ce_epochs}) must be below epochs ({self.epochs}), or no adversarial "
+                             f"epoch runs")
+        return self
+
+
 class DetectorConfig(_Section):
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
-    name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn"] = "grad_mahalanobis"
+    name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn",
+                  "vae_gradient", "drocc", "drocc_lf"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
     projection_dim: int = Field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
@@ -123,6 +177,8 @@ class DetectorConfig(_Section):
     pu_head: BinaryHeadConfig = Field(
         BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
         description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")
+    vae: VAEGradientConfig = VAEGradientConfig()
+    drocc: DROCCConfig = DROCCConfig()
 
 
 class MemoryConfig(_Section):

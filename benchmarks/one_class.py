@@ -1,0 +1,176 @@
+"""One-class per-class AUROC of the pixel detectors, the published numbers beside ours.
+
+    python benchmarks/one_class.py --dataset mnist --out benchmarks/results/one_class_mnist
+    python benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --out DIR
+
+For each class a fresh detector is fitted on that class's training images and scores the whole
+evaluation split (edge_runtime/one_class.py states the splits; MNIST exists here only as its test
+split). Methods:
+  vae_gradient              Kwon et al. as published: first-decoder-layer gradients + the 2-layer
+                            classifier trained against noise-distorted inliers      (paper)
+  vae_reconstruction        reconstruction error vector, same classifier              (baseline)
+  vae_latent                per-dimension latent (KL) loss, same classifier           (baseline)
+  vae_gradient_mahalanobis  the same gradients, Mahalanobis head instead              (ours)
+  drocc, drocc_lf           DROCC / DROCC-LF on a LeNet                               (paper / ours)
+The VAE methods of one class share one trained VAE (only their heads differ), so they compare
+features and heads, not VAE luck. `--profile cpu` (default) shrinks epochs and nets to fit a
+shared 2-core machine; `--profile paper` uses the papers' sizes (a GPU job); result.json stores
+the resolved detector config either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+# As a script, Python puts benchmarks/ first on sys.path, where sibling scripts (kernels.py) would
+# shadow the project's packages of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from edge_runtime.config import DetectorConfig, config_from_dict, with_overrides
+from edge_runtime.data.catalog import CATALOG
+from edge_runtime.detectors.drocc import DROCCDetector
+from edge_runtime.detectors.vae_gradient import VAEGradientDetector
+from edge_runtime.device import resolve_device
+from edge_runtime.one_class import (PAPER_MEAN_AUROC, OneClassData, auroc_one_vs_rest,
+                                    first_per_class, load_one_class_data, normal_class_images, one_class_auroc,
+                                    score_images)
+from edge_runtime.results import format_table, metric_key, write_result
+
+VAE_METHODS: dict[str, dict[str, str]] = {
+    "vae_gradient": {"feature": "gradient", "head": "noise_classifier"},
+    "vae_reconstruction": {"feature": "reconstruction", "head": "noise_classifier"},
+    "vae_latent": {"feature": "latent", "head": "noise_classifier"},
+    "vae_gradient_mahalanobis": {"feature": "gradient", "head": "mahalanobis"},
+}
+DROCC_METHODS = ("drocc", "drocc_lf")
+METHODS = (*VAE_METHODS, *DROCC_METHODS)
+# Sizes that fit a shared 2-core CPU; 'paper' keeps the config defaults (the papers' recipes).
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"detector.drocc.width": 8, "detector.drocc.epochs": 10, "detector.drocc.ce_epochs": 2,
+            "detector.drocc.ascent_steps": 5, "detector.drocc.projection_interval": 5,
+            "detector.drocc.batch_size": 128},
+    "paper": {},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    overrides = {**PROFILES[args.profile], **dict(_assignment(item) for item in args.set)}
+    detector_config = with_overrides(config_from_dict({}), overrides).detector
+    data = load_one_class_data(args.dataset, progress=not args.no_progress)
+    if args.limit_eval is not None:
+        data = OneClassData(data.train, first_per_class(data.evaluation, args.limit_eval), data.split_note)
+    classes = args.classes if args.classes is not None else list(range(len(data.train.classes)))
+    methods = args.methods
+    image_shape = _image_shape(data)
+    metrics: dict[str, float] = {}
+    seconds: dict[str, float] = {m: 0.0 for m in methods}
+    for label in tqdm(classes, desc=f"{args.dataset} classes", disable=args.no_progress):
+        for method, auroc, elapsed in _run_class(methods, detector_config, image_shape, data, label, args.limit_train,
+                                                 device, args.seed, not args.no_progress):
+            metrics[metric_key("auroc", "one_class", method, args.dataset, data.train.classes[label])] = auroc
+            seconds[method] += elapsed
+            print(f"{args.dataset} class {data.train.classes[label]} {method}: AUROC {auroc:.4f} ({elapsed:.0f} s)",
+                  flush=True)
+    for method in methods:
+        values = [metrics[metric_key("auroc", "one_class", method, args.dataset, data.train.classes[c])] for c in classes]
+        metrics[metric_key("auroc", "one_class", method, args.dataset, "mean")] = float(np.mean(values))
+    print(one_class_table(metrics, args.dataset, [data.train.classes[c] for c in classes], methods))
+    config = {"dataset": args.dataset, "split": data.split_note, "classes": [data.train.classes[c] for c in classes],
+              "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
+              "methods": list(methods), "profile": args.profile,
+              "seed": args.seed, "detector": detector_config.model_dump(mode="json"),
+              "fit_and_score_seconds": seconds, "torch_threads": torch.get_num_threads()}
+    path = write_result(args.out, config, metrics, device, command="python benchmarks/one_class.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]))
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tuple[int, int, int],
+               data: OneClassData, label: int, limit_train: int | None, device: torch.device, seed: int,
+               progress: bool) -> Iterator[tuple[str, float, float]]:
+    """(method, AUROC, seconds) per method for one normal class; VAE methods share one trained VAE."""
+    normal = normal_class_images(data, label, limit_train, device)
+    shared_vae = None
+    for method in methods:
+        start = time.perf_counter()
+        if method in VAE_METHODS:
+            detector = VAEGradientDetector(image_shape, config.vae.model_copy(update=VAE_METHODS[method]), seed, progress)
+            if shared_vae is None:
+                shared_vae = detector.fit_vae(normal).vae
+            detector.vae = shared_vae
+            detector.fit_head(normal)
+            scores = score_images(detector, data.evaluation.images, device)
+            auroc = auroc_one_vs_rest(scores, data.evaluation.labels, label)
+        else:
+            auroc = one_class_auroc(DROCCDetector(image_shape, config.drocc, method, seed, progress), data, label,
+                                    device, limit_train)
+        yield method, auroc, time.perf_counter() - start
+
+
+def one_class_table(metrics: dict[str, float], dataset: str, class_names: list[str], methods: tuple[str, ...]) -> str:
+    """Rows = classes then the mean; columns = the papers' published means, then each method."""
+    paper_columns = [m for m in methods if (m, dataset) in PAPER_MEAN_AUROC]
+    header = ["class", *(f"paper {m}" for m in paper_columns), *methods]
+    rows = []
+    for name in [*class_names, "mean"]:
+        row: list[Any] = [name]
+        for method in paper_columns:
+            published = PAPER_MEAN_AUROC[(method, dataset)] if name == "mean" else None  # DESIGN.md quotes means only
+            row.append("n/a" if published is None else published)
+        row += [metrics[metric_key("auroc", "one_class", m, dataset, name)] for m in methods]
+        rows.append(row)
+    return format_table(rows, header)
+
+
+def _image_shape(data: OneClassData) -> tuple[int, int, int]:
+    _, height, width, channels = data.train.images.shape
+    return channels, height, width
+
+
+def _assignment(item: str) -> tuple[str, Any]:
+    """'vae.vae_epochs=50' -> ('detector.vae.vae_epochs', 50); values parsed as YAML scalars."""
+    key, _, value = item.partition("=")
+    if not value:
+        raise SystemExit(f"--set expects key=value, got {item!r}")
+    return f"detector.{key.strip()}", yaml.safe_load(value)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, choices=[d for d in ("mnist", "fashion_mnist", "cifar10") if d in CATALOG])
+    parser.add_argument("--out", required=True, type=Path, help="folder that receives result.json")
+    parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=METHODS,
+                        help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--classes", type=lambda s: [int(c) for c in s.split(",")], default=None,
+                        help="class indices to run (default: all)")
+    parser.add_argument("--limit-train", type=int, default=None, help="first N training images per class")
+    parser.add_argument("--limit-eval", type=int, default=None, help="first N evaluation images per class (quick runs)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="detector config override, e.g. --set vae.vae_epochs=50 --set drocc.radius=4")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    return args
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
