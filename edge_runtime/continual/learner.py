@@ -20,6 +20,7 @@ from calibration.threshold import threshold_at_fpr
 from edge_runtime.config import DetectorConfig, RunConfig
 from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
+from edge_runtime.detectors.pixel_registry import PIXEL_DETECTORS
 from edge_runtime.detectors.registry import build_static_detector
 from edge_runtime.detectors.self_supervised import SelfSupervisedDetector
 from edge_runtime.errors import ConfigError, InputError, StateError
@@ -209,15 +210,19 @@ class AdaptiveHead(NoveltyHead):
 class StaticHead(NoveltyHead):
     """A detector fitted once on the memory, thresholded on cross-fitted memory scores.
 
-    It is a function of the memory, so a saved state keeps only its threshold and scores and a
-    load refits it. It cannot tell learned novel classes apart, so it serves one novel class.
+    Feature detectors are a cheap function of the memory, so a saved state keeps only their
+    threshold and scores and a load refits them; pixel detectors train networks, so their weights
+    are saved too and a load restores them. It cannot tell learned novel classes apart, so it
+    serves one novel class.
     """
 
     adaptive = False
 
-    def __init__(self, classifier: FrozenClassifier, config: DetectorConfig, seed: int) -> None:
+    def __init__(self, classifier: FrozenClassifier, config: DetectorConfig, seed: int,
+                 image_shape: tuple[int, int, int] | None = None, progress: bool = False) -> None:
         try:
-            self.detector: Detector = build_static_detector(config.name, classifier, config, seed)
+            self.detector: Detector = build_static_detector(config.name, classifier, config, seed, image_shape, progress,
+                                                            next(classifier.parameters()).device)
         except ValueError as exc:
             raise ConfigError(f"detector.name: {exc}") from None
         self.config = config
@@ -268,10 +273,15 @@ class StaticHead(NoveltyHead):
         return RoundReport(round_index, len(self.stream_scores), novel_share, separation, float("nan"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"threshold": self._threshold, "memory_scores": self.memory_scores, "stream_scores": self.stream_scores}
+        trained = self.detector.state_dict() if self.config.name in PIXEL_DETECTORS and self.ready else None
+        return {"threshold": self._threshold, "memory_scores": self.memory_scores, "stream_scores": self.stream_scores,
+                "detector": trained}
 
     def load_state_dict(self, state: dict[str, Any], memory: Observations, labels: torch.Tensor) -> None:
-        self.detector.fit(memory, classifier_labels(memory, labels, self.num_known))
+        if state.get("detector") is not None:
+            self.detector.load_state_dict(state["detector"])
+        else:
+            self.detector.fit(memory, classifier_labels(memory, labels, self.num_known))
         self._threshold = state["threshold"]
         self.memory_scores = state["memory_scores"]
         self.stream_scores = state["stream_scores"]
@@ -348,7 +358,14 @@ class NovelClassLearner:
         config = self.config.detector
         if config.name == ADAPTIVE_DETECTOR:
             return AdaptiveHead(self.classifier, config, self.config.seed, self.progress)
-        return StaticHead(self.classifier, config, self.config.seed)
+        return StaticHead(self.classifier, config, self.config.seed, self._image_shape(), self.progress)
+
+    def _image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images the memory keeps, None when it keeps none."""
+        if self.memory.images is None:
+            return None
+        height, width, channels = self.memory.images.shape[1:]
+        return channels, height, width
 
     def _remember(self, head: NoveltyHead, label: int) -> None:
         """Offer the finished head's flagged pool samples to the memory as class `label`."""

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import trange
 
 from edge_runtime.config import DROCCConfig
-from edge_runtime.detectors.base import Detector, Observations
+from edge_runtime.detectors.pixel_base import PixelDetector
 from edge_runtime.errors import ConfigError, InputError, StateError
 
 VARIANTS = ("drocc", "drocc_lf")
@@ -236,7 +236,7 @@ def train_drocc(network: nn.Module, positives: torch.Tensor, config: DROCCConfig
     return network.eval()
 
 
-class DROCCDetector(Detector):
+class DROCCDetector(PixelDetector):
     """Score = -logit of the DROCC classifier on the standardised pixels; higher = more novel.
 
     `drocc_lf` on images has no labelled negatives to learn its feature weights from, so it uses
@@ -245,23 +245,20 @@ class DROCCDetector(Detector):
     """
 
     def __init__(self, image_shape: tuple[int, int, int], config: DROCCConfig = DROCCConfig(),
-                 variant: str = "drocc", seed: int = 0, progress: bool = False) -> None:
+                 variant: str = "drocc", seed: int = 0, progress: bool = False,
+                 device: torch.device | str | None = None) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"DROCC variant must be one of {VARIANTS}, got {variant!r}")
-        super().__init__(None)  # pixels only: no frozen classifier involved
+        super().__init__(image_shape, seed, progress, device)
         self.name = variant
-        self.image_shape = tuple(image_shape)
         self.config = config
-        self.seed = seed
-        self.progress = progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = nn.Sequential(Standardize(self.image_shape[0]), LeNet(self.image_shape, config.width))
         self.fitted = False
 
-    def fit(self, known: Observations, labels: torch.Tensor | None = None) -> "DROCCDetector":
-        """Train on all known images as one positive class (class labels are not used)."""
-        images = self._pixels(known)
+    def fit_pixels(self, images: torch.Tensor) -> "DROCCDetector":
+        """Train on all known images as one positive class."""
         network = self.network.to(images.device)
         network[0].fit(images)
         negatives = None
@@ -277,20 +274,11 @@ class DROCCDetector(Detector):
         return self
 
     @torch.no_grad()
-    def score(self, batch: Observations) -> torch.Tensor:
+    def score_pixels(self, images: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise StateError(f"{self.name} is not fitted yet: call fit(known, labels) first")
-        images = self._pixels(batch)
         network = self.network.to(images.device).eval()
         return torch.cat([-network(chunk) for chunk in images.split(SCORE_CHUNK)]).float()
-
-    def _pixels(self, batch: Observations) -> torch.Tensor:
-        if batch.images is None:
-            raise InputError(f"{self.name} looks at pixels, but the Observations carry no images")
-        if tuple(batch.images.shape[1:]) != self.image_shape:
-            raise InputError(f"{self.name} was built for images {self.image_shape}, got batch.images "
-                             f"{tuple(batch.images.shape[1:])}")
-        return batch.images.float()
 
     def state_dict(self) -> dict[str, Any]:
         """The network's weights and standardisation (tensors) and the variant they belong to."""

@@ -27,7 +27,7 @@ from tqdm.auto import trange
 from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
 from edge_runtime.config import VAEGradientConfig
-from edge_runtime.detectors.base import Detector, Observations
+from edge_runtime.detectors.pixel_base import PixelDetector
 from edge_runtime.errors import InputError, StateError
 
 # Per-sample gradients are computed this many images at a time (bounds the vmap's memory).
@@ -135,7 +135,7 @@ class NoveltyClassifier(nn.Module):
         return self.layers((features - self.mean) / self.std).squeeze(1)
 
 
-class VAEGradientDetector(Detector):
+class VAEGradientDetector(PixelDetector):
     """Score = the head's output on one feature of the VAE; higher = more novel.
 
     Heads: `noise_classifier` is the paper's recipe (the 2-layer classifier's logit, known vs
@@ -148,24 +148,17 @@ class VAEGradientDetector(Detector):
     name = "vae_gradient"
 
     def __init__(self, image_shape: tuple[int, int, int], config: VAEGradientConfig = VAEGradientConfig(),
-                 seed: int = 0, progress: bool = False) -> None:
-        super().__init__(None)  # pixels only: no frozen classifier involved
-        self.image_shape = tuple(image_shape)
+                 seed: int = 0, progress: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__(image_shape, seed, progress, device)
         self.config = config
-        self.seed = seed
-        self.progress = progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vae = ConvVAE(self.image_shape, config.latent_dim, config.width, config.decoder_hidden)
         self.classifier_net: NoveltyClassifier | None = None
         self.gaussian: TiedGaussian | None = None
 
-    def fit(self, known: Observations, labels: torch.Tensor | None = None) -> "VAEGradientDetector":
-        """Train the VAE on most known images, then the head on the held-out rest.
-
-        Class labels are not used: all known classes together are the inlier distribution.
-        """
-        images = self._pixels(known)
+    def fit_pixels(self, images: torch.Tensor) -> "VAEGradientDetector":
+        """Train the VAE on most known images, then the head on the held-out rest."""
         self.fit_vae(images)
         return self.fit_head(images)
 
@@ -205,9 +198,9 @@ class VAEGradientDetector(Detector):
         self._train_classifier(inliers, self.features(distorted), generator)
         return self
 
-    def score(self, batch: Observations) -> torch.Tensor:
+    def score_pixels(self, images: torch.Tensor) -> torch.Tensor:
         self._require_fitted()
-        features = self.features(self._pixels(batch))
+        features = self.features(images)
         if self.config.head == "mahalanobis":
             gaussian = self.gaussian = self.gaussian.to(features.device)
             return gaussian.score(features, torch.zeros(len(features), dtype=torch.long, device=features.device)).float()
@@ -255,14 +248,6 @@ class VAEGradientDetector(Detector):
                 loss.backward()
                 optimiser.step()
         self.classifier_net = network.eval()
-
-    def _pixels(self, batch: Observations) -> torch.Tensor:
-        if batch.images is None:
-            raise InputError(f"{self.name} looks at pixels, but the Observations carry no images")
-        if tuple(batch.images.shape[1:]) != self.image_shape:
-            raise InputError(f"{self.name} was built for images {self.image_shape}, got batch.images "
-                             f"{tuple(batch.images.shape[1:])}")
-        return batch.images.float()
 
     def _require_fitted(self) -> None:
         if self.gaussian is None and self.classifier_net is None:
