@@ -17,7 +17,7 @@ import torch
 from calibration.threshold import threshold_at_fpr
 from classifier_fixture import known_digits, train_digit_classifier
 from edge_runtime.cli import export as export_cli
-from edge_runtime.config import DeployConfig, ModelConfig
+from edge_runtime.config import DeployConfig, ModelConfig, load_config, with_overrides
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.deploy.bundle import MANIFEST_FILE, MODEL_FILE, STATS_FILE, export_bundle, load_bundle
@@ -31,10 +31,14 @@ from edge_runtime.deploy.onnx_export import (
 )
 from edge_runtime.deploy.reference import decide
 from edge_runtime.deploy.runner import DeployRunner, last_layer_scores
+from edge_runtime.deploy.session_export import export_session_bundle
 from edge_runtime.detectors.base import Observations
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.errors import ConfigError, InputError, StateError
+from edge_runtime.evaluation import adapt_session, adaptation_data
+from edge_runtime.experiment import prepare_data, train_frozen_classifier
 from edge_runtime.models.registry import build_classifier
+from edge_runtime.session import Session
 from kernels.reference import last_layer_scores as reference_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +63,7 @@ def digits_session(tmp_path_factory):
     threshold = threshold_at_fpr(detector.score(_observe(classifier, known_train.images)), 0.05)
     root = tmp_path_factory.mktemp("digits-bundle")
     onnx_path = export_onnx(classifier, root / "exported.onnx", input_size=8, in_channels=1)
-    bundle = export_bundle(root / "bundle", onnx_path, detector.gaussian, threshold, known_train.classes, 8, 1)
+    bundle = export_bundle(root / "bundle", onnx_path, threshold, known_train.classes, 8, 1, gaussian=detector.gaussian)
     return classifier, detector, threshold, bundle, load_digits_split("test")
 
 
@@ -211,7 +215,7 @@ def test_bundle_round_trip_keeps_statistics_and_settings(digits_session):
 def test_bundle_refuses_altered_missing_or_foreign_files(digits_session, tmp_path):
     _, detector, threshold, bundle, _ = digits_session
     root = tmp_path / "copy"
-    export_bundle(root, bundle.model_path, detector.gaussian, threshold, bundle.classes, 8, 1)
+    export_bundle(root, bundle.model_path, threshold, bundle.classes, 8, 1, gaussian=detector.gaussian)
     stats = (root / STATS_FILE).read_bytes()
     (root / STATS_FILE).write_bytes(stats[:-4] + b"\0\0\0\0")
     with pytest.raises(StateError, match=r"stats\.safetensors has sha256 .* the manifest expects"):
@@ -230,7 +234,7 @@ def test_bundle_refuses_altered_missing_or_foreign_files(digits_session, tmp_pat
 def test_bundle_refuses_statistics_of_another_shape(digits_session, tmp_path):
     _, detector, threshold, bundle, _ = digits_session
     with pytest.raises(InputError, match="8 classes"):
-        export_bundle(tmp_path / "b", bundle.model_path, detector.gaussian, threshold, bundle.classes[:8], 8, 1)
+        export_bundle(tmp_path / "b", bundle.model_path, threshold, bundle.classes[:8], 8, 1, gaussian=detector.gaussian)
 
 
 def test_device_profiles_validate_and_choose_their_backends():
@@ -259,3 +263,58 @@ def test_export_command_writes_a_bundle_whose_decisions_equal_torch(tmp_path):
     assert result["metrics"]["onnx_max_abs_err/logits/digits-9"] < 1e-3
     assert result["config"]["deploy"]["backbone"] == "onnxruntime"
     assert load_bundle(tmp_path / "bundle").classes == tuple(str(d) for d in range(9))
+
+
+@pytest.fixture(scope="module")
+def adapted_session_file(tmp_path_factory):
+    """A digits session adapted on its stream (memory_pu feature heads), saved to a state file."""
+    torch.set_num_threads(1)
+    cfg = with_overrides(load_config(REPO / "configs" / "digits.yaml"), {"train.epochs": 8, "session.adapt_every": 80})
+    split = prepare_data(cfg, progress=False).split
+    classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path_factory.mktemp("cls"),
+                                            progress=False)
+    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    session = Session(cfg, classifier, split.known_classes, memory, "9", device="cpu")
+    adapt_session(session, stream, progress=False)
+    path = tmp_path_factory.mktemp("session") / "adapted.state"
+    session.save(path)
+    return path, split.test
+
+
+def test_adapted_session_exports_its_feature_heads_and_the_runner_decides_alike(adapted_session_file, tmp_path):
+    path, test = adapted_session_file
+    parser = argparse.ArgumentParser()
+    export_cli.add_arguments(parser)
+    assert export_cli.run(parser.parse_args(["--session", str(path), "--out", str(tmp_path), "--no-progress"])) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    session = Session.load(path)
+    assert bundle.decision == "feature_heads" and bundle.means is None
+    assert len(bundle.heads) == len(session.learner.heads[0].detector.pu_heads)
+    assert bundle.threshold == session.learner.heads[0].threshold
+    expected, decided = session.predict(test.images), DeployRunner(bundle).predict(test.images)
+    # Feature-head scores: float32 numpy vs torch on onnxruntime features (measured max diff ~1e-5).
+    np.testing.assert_allclose(decided.scores, expected.scores, rtol=1e-3, atol=1e-3)
+    assert (decided.labels == expected.labels).mean() >= 0.998 and decided.novel.any()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["config"]["decision"] == "feature_heads"
+    assert result["metrics"]["deploy_decision_agreement/per_sample/onnxruntime-fp32-numpy/digits-9"] >= 0.998
+
+
+def test_session_export_refuses_what_the_runner_cannot_reproduce(adapted_session_file, tmp_path):
+    path, _ = adapted_session_file
+    parser = argparse.ArgumentParser()
+    export_cli.add_arguments(parser)
+    with pytest.raises(ConfigError, match="go with --config"):
+        export_cli.run(parser.parse_args(["--session", str(path), "--out", str(tmp_path), "--set", "seed=1"]))
+    with pytest.raises(SystemExit):  # --config and --session name two sources
+        parser.parse_args(["--session", str(path), "--config", "c.yaml", "--out", str(tmp_path)])
+    session = Session.load(path)
+    session.learner.heads[0].detector.mode = "paper"  # the paper's head scores pixels: not exportable
+    with pytest.raises(ConfigError, match="cannot be exported"):
+        export_session_bundle(session, tmp_path / "paper", opset=17)
+
+
+def test_bundle_needs_exactly_one_decision(digits_session, tmp_path):
+    _, detector, threshold, bundle, _ = digits_session
+    with pytest.raises(InputError, match="exactly one"):
+        export_bundle(tmp_path / "none", bundle.model_path, threshold, bundle.classes, 8, 1)

@@ -123,7 +123,7 @@ def digits_bundle(tmp_path_factory):
     threshold = float(detector.score(Observations(None, features, logits)).quantile(0.95))
     root = tmp_path_factory.mktemp("bundle")
     onnx_path = export_onnx(classifier, root / "model.onnx", input_size=8, in_channels=1)
-    return export_bundle(root, onnx_path, detector.gaussian, threshold, known_train.classes, 8, 1)
+    return export_bundle(root, onnx_path, threshold, known_train.classes, 8, 1, gaussian=detector.gaussian)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt and pycuda are importable here")

@@ -1,7 +1,9 @@
-"""`edge-runtime export`: a torch-free deploy bundle (ONNX + gradient statistics + threshold), checked.
+"""`edge-runtime export`: a torch-free deploy bundle (ONNX + what decides novelty + threshold), checked.
 
-Fits the gradient-Mahalanobis statistics on the known training images and the threshold on the
-held-back calibration slice (as `evaluate`'s 9+1 router does), exports the classifier to ONNX,
+From a config: fits the gradient-Mahalanobis statistics on the known training images and the
+threshold on the held-back calibration slice (as `evaluate`'s 9+1 router does). From a saved
+session (`--session`): takes its classifier and its novel class's head as adapted (the memory_pu
+feature heads, or a static head's statistics). Either way it exports the classifier to ONNX,
 checks it against torch with onnxruntime, writes the bundle, and replays a sample of the test
 split through the torch-free runner to count how often its decisions equal torch's. With a
 TensorRT device profile it also builds the engine when TensorRT is importable here.
@@ -11,26 +13,31 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from calibration.int8 import CalibrationBatches, cache_path_for, entropy_calibrator
 from calibration.threshold import threshold_at_fpr
-from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.cli.common import config_from_args
 from edge_runtime.config import DeployConfig, RunConfig, load_config
 from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.splits import NovelClassSplit
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.deploy.bundle import MODEL_FILE, Bundle, export_bundle
 from edge_runtime.deploy.onnx_export import check_onnx_parity, export_onnx
 from edge_runtime.deploy.reference import decide
 from edge_runtime.deploy.runner import DeployRunner
+from edge_runtime.deploy.session_export import export_session_bundle
 from edge_runtime.deploy.tensorrt_engine import build_engine, engine_path_for
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.device import resolve_device
 from edge_runtime.errors import ConfigError
 from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data
 from edge_runtime.results import format_table, metric_key, write_result
+from edge_runtime.session import Session
 
 HELP = "export the frozen classifier and its novelty statistics as a torch-free bundle (ONNX, TensorRT engine)"
 BUNDLE_DIR = "bundle"
@@ -38,7 +45,13 @@ CPU = torch.device("cpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML run config: fit the gradient statistics and threshold now")
+    source.add_argument("--session", help="saved session state: export its classifier and adapted novelty head")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a --config value, e.g. --set train.epochs=3 (repeatable; VALUE is YAML)")
+    parser.add_argument("--out", required=True, help="directory receiving result.json and the bundle")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument("--profile", help="device profile YAML (configs/cpu.yaml, configs/rtx-desktop.yaml, "
                                           "configs/jetson-orin.yaml); default: the config's deploy section")
     parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
@@ -55,16 +68,58 @@ def load_device_profile(path: str) -> DeployConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    session = Session.load(args.session, device=CPU) if args.session else None
+    if session is not None and (args.overrides or args.classifier):
+        raise ConfigError("--set and --classifier go with --config; a session exports its own classifier and config")
+    cfg = session.config if session is not None else config_from_args(args)
     if args.profile:
         cfg = cfg.model_copy(update={"deploy": load_device_profile(args.profile)})
-    if cfg.detector.site != "last_linear":
-        raise ConfigError(f"detector.site {cfg.detector.site!r}: deploy bundles carry the 'last_linear' site only")
     if args.parity_images < 1:
         raise ConfigError(f"--parity-images must be positive, got {args.parity_images}")
     out = output_dir(args.out)
-    data = prepare_data(cfg, args.progress)
-    split = data.split
+    split = prepare_data(cfg, args.progress).split
+    if session is not None:
+        bundle = export_session_bundle(session, out / BUNDLE_DIR, cfg.deploy.opset)
+        classifier = session.classifier
+
+        def torch_labels(sample: ImageSet) -> np.ndarray:
+            return session.predict(sample.images).labels
+    else:
+        classifier, bundle, torch_labels = _fit_and_export(cfg, split, out, args)
+    deploy, tag = cfg.deploy, dataset_tag(cfg, split)
+    # Test images are only replayed to compare two implementations of one decision, never fitted on.
+    sample = _seeded_subset(split.test, args.parity_images, cfg.seed)
+    known = split.calibration if len(split.calibration) else sample
+    parity = check_onnx_parity(classifier, bundle.model_path, to_tensor(known.images).numpy())
+    metrics = {metric_key("onnx_max_abs_err", "features", tag): parity.max_abs_features,
+               metric_key("onnx_max_abs_err", "logits", tag): parity.max_abs_logits}
+    expected = torch_labels(sample)
+    runners = [("onnxruntime", "fp32", "numpy")]
+    if deploy.backbone == "tensorrt" and _build_engine_if_possible(deploy, bundle, split.calibration, cfg.seed):
+        runners.append((deploy.backbone, deploy.precision, deploy.kernel))
+    rows = []
+    for backbone, precision, kernel in runners:
+        runner = DeployRunner(bundle, backbone, kernel, precision, deploy.batch_size)
+        agreement = float((runner.predict(sample.images).labels == expected).mean())
+        path = f"{backbone}-{precision}-{kernel}"
+        metrics[metric_key("deploy_decision_agreement", "per_sample", path, tag)] = agreement
+        rows.append([backbone, precision, kernel, len(sample), agreement])
+    engine_ran = len(runners) > 1  # a TensorRT engine ran on this machine's GPU
+    config = {**cfg.model_dump(mode="json"), "exported_from": args.session or "config", "decision": bundle.decision}
+    write_result(out, config, metrics, torch.device("cuda") if engine_ran else CPU)
+    print(f"ONNX vs torch on {parity.images} calibration images: max |diff| features {parity.max_abs_features:.2e}, "
+          f"logits {parity.max_abs_logits:.2e}")
+    print(format_table(rows, ["backbone", "precision", "kernel", "test images", "decisions equal to torch"]))
+    print(f"bundle written to {bundle.root} (decision {bundle.decision}, threshold {bundle.threshold:.6g}, "
+          f"{len(bundle.classes)} known classes)")
+    return 0
+
+
+def _fit_and_export(cfg: RunConfig, split: NovelClassSplit, out: Path, args: argparse.Namespace
+                    ) -> tuple[torch.nn.Module, Bundle, Callable[[ImageSet], np.ndarray]]:
+    """Fit gradient statistics (training images) and threshold (calibration slice), export; the torch decision."""
+    if cfg.detector.site != "last_linear":
+        raise ConfigError(f"detector.site {cfg.detector.site!r}: deploy bundles carry the 'last_linear' site only")
     if len(split.calibration) == 0:
         raise ConfigError("data.calibration_holdout is 0: the exported threshold needs held-back known images")
     classifier = obtain_classifier(cfg, split, resolve_device(cfg.device), out, args.classifier, args.progress).to(CPU)
@@ -72,34 +127,15 @@ def run(args: argparse.Namespace) -> int:
     detector.fit(embed(classifier, split.train, CPU, keep_images=False), torch.from_numpy(split.train.labels))
     threshold = threshold_at_fpr(detector.score(embed(classifier, split.calibration, CPU, keep_images=False)),
                                  cfg.detector.target_fpr)
-
-    model_cfg, deploy, tag = cfg.model, cfg.deploy, dataset_tag(cfg, split)
+    model_cfg = cfg.model
     onnx_path = export_onnx(classifier, out / BUNDLE_DIR / MODEL_FILE, model_cfg.input_size, model_cfg.in_channels,
-                            deploy.opset)
-    parity = check_onnx_parity(classifier, onnx_path, to_tensor(split.calibration.images).numpy())
-    bundle = export_bundle(out / BUNDLE_DIR, onnx_path, detector.gaussian, threshold, split.known_classes,
-                           model_cfg.input_size, model_cfg.in_channels)
-    metrics = {metric_key("onnx_max_abs_err", "features", tag): parity.max_abs_features,
-               metric_key("onnx_max_abs_err", "logits", tag): parity.max_abs_logits}
-    # Test images are only replayed to compare two implementations of one decision, never fitted on.
-    sample = _seeded_subset(split.test, args.parity_images, cfg.seed)
-    runners = [("onnxruntime", "fp32", "numpy")]
-    if deploy.backbone == "tensorrt" and _build_engine_if_possible(deploy, bundle, split.calibration, cfg.seed):
-        runners.append((deploy.backbone, deploy.precision, deploy.kernel))
-    rows = []
-    for backbone, precision, kernel in runners:
-        runner = DeployRunner(bundle, backbone, kernel, precision, deploy.batch_size)
-        agreement = _decision_agreement(runner, detector, classifier, sample, threshold)
-        path = f"{backbone}-{precision}-{kernel}"
-        metrics[metric_key("deploy_decision_agreement", "per_sample", path, tag)] = agreement
-        rows.append([backbone, precision, kernel, len(sample), agreement])
-    engine_ran = len(runners) > 1  # a TensorRT engine ran on this machine's GPU
-    write_result(out, cfg.model_dump(mode="json"), metrics, torch.device("cuda") if engine_ran else CPU)
-    print(f"ONNX vs torch on {parity.images} calibration images: max |diff| features {parity.max_abs_features:.2e}, "
-          f"logits {parity.max_abs_logits:.2e}")
-    print(format_table(rows, ["backbone", "precision", "kernel", "test images", "decisions equal to torch"]))
-    print(f"bundle written to {bundle.root} (threshold {threshold:.6g}, {len(bundle.classes)} known classes)")
-    return 0
+                            cfg.deploy.opset)
+    bundle = export_bundle(out / BUNDLE_DIR, onnx_path, threshold, split.known_classes, model_cfg.input_size,
+                           model_cfg.in_channels, gaussian=detector.gaussian)
+
+    def torch_labels(sample: ImageSet) -> np.ndarray:
+        return decide(detector, embed(classifier, sample, CPU, keep_images=False), threshold)[0].numpy()
+    return classifier, bundle, torch_labels
 
 
 def _seeded_subset(data: ImageSet, count: int, seed: int) -> ImageSet:
@@ -108,13 +144,6 @@ def _seeded_subset(data: ImageSet, count: int, seed: int) -> ImageSet:
         return data
     keep = np.sort(np.random.default_rng(seed).choice(len(data), count, replace=False))
     return data.subset(keep)
-
-
-def _decision_agreement(runner: DeployRunner, detector: GradientMahalanobis, classifier: torch.nn.Module,
-                        sample: ImageSet, threshold: float) -> float:
-    """Fraction of images whose runner label (known class or novel) equals the torch session's."""
-    torch_labels, _, _ = decide(detector, embed(classifier, sample, CPU, keep_images=False), threshold)
-    return float((runner.predict(sample.images).labels == torch_labels.numpy()).mean())
 
 
 def _build_engine_if_possible(deploy: DeployConfig, bundle: Bundle, calibration: ImageSet, seed: int) -> bool:

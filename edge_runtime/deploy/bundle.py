@@ -1,9 +1,14 @@
 """The export bundle: everything a torch-free runner needs, in one directory.
 
     model.onnx          the frozen classifier, [0,1] NCHW pixels -> (features, logits)
-    stats.safetensors   the IDD gradient statistics: class means [C, K] and tied precision [K, K]
-    manifest.json       format version, producer versions, input geometry, classes, threshold,
-                        and the sha256 of both files
+    stats.safetensors   what decides: the IDD gradient statistics (class means [C, K], tied
+                        precision [K, K]) or the weights of a session's feature heads
+    manifest.json       format version, producer versions, input geometry, classes, which score
+                        decides ("decision") and its threshold, and the sha256 of both files
+
+Two decisions exist: `gradient_mahalanobis` (the score of the statistics, as `export` fits them or
+a session's static head holds them) and `feature_heads` (the mean logit of a session's memory_pu
+heads: small MLPs on [features, log-softmax(logits)], what an adapted session decides with).
 
 The manifest is written last, so a bundle cut short by a crash is refused rather than half-read.
 Torch-free on purpose (numpy, safetensors, json): this module is what a firmware process imports.
@@ -35,7 +40,9 @@ if TYPE_CHECKING:
     from calibration.gaussian import TiedGaussian
 
 FORMAT = "edge_runtime.deploy_bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DECISIONS = ("gradient_mahalanobis", "feature_heads")
+HEAD_ARRAYS = ("mean", "std", "w1", "b1", "w2", "b2")
 MODEL_FILE = "model.onnx"
 STATS_FILE = "stats.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -46,6 +53,30 @@ _PRODUCER_PACKAGES = ("torch", "onnx", "numpy", "safetensors")
 
 
 @dataclass(frozen=True)
+class FeatureHeadWeights:
+    """One memory_pu head: logit = w2 . relu(w1 ((x - mean) / std) + b1) + b2, x = [features, log-softmax(logits)].
+
+    float32: mean, std [I]; w1 [H, I]; b1 [H]; w2 [1, H]; b2 [1].
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+
+    def check(self, in_dim: int, origin: str) -> None:
+        hidden = self.w1.shape[0] if self.w1.ndim == 2 else -1
+        expected = {"mean": (in_dim,), "std": (in_dim,), "w1": (hidden, in_dim), "b1": (hidden,), "w2": (1, hidden),
+                    "b2": (1,)}
+        wrong = [f"{name} {getattr(self, name).shape}" for name, shape in expected.items()
+                 if getattr(self, name).shape != shape]
+        if hidden < 1 or wrong:
+            raise StateError(f"{origin}: feature head arrays do not fit inputs of {in_dim} values: {', '.join(wrong)}")
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified bundle: checksums matched, shapes consistent, threshold finite."""
 
@@ -53,10 +84,15 @@ class Bundle:
     classes: tuple[str, ...]
     input_size: int
     in_channels: int
-    threshold: float
-    means: np.ndarray  # float32 [C, K], K = C * (D + 1)
-    precision: np.ndarray  # float32 [K, K]
+    threshold: float  # of the deciding score (`decision`)
+    means: np.ndarray | None  # float32 [C, K], K = C * (D + 1); decision "gradient_mahalanobis" only
+    precision: np.ndarray | None  # float32 [K, K]; likewise
+    heads: tuple[FeatureHeadWeights, ...]  # decision "feature_heads" only
     manifest: dict[str, Any]
+
+    @property
+    def decision(self) -> str:
+        return self.manifest["decision"]
 
     @property
     def model_path(self) -> Path:
@@ -80,27 +116,37 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def export_bundle(out_dir: str | os.PathLike, onnx_path: str | os.PathLike, gaussian: TiedGaussian,
-                  threshold: float, classes: Sequence[str], input_size: int, in_channels: int) -> Bundle:
-    """Write a bundle into `out_dir` (created) from an exported ONNX graph and a fitted gradient Gaussian.
+def export_bundle(out_dir: str | os.PathLike, onnx_path: str | os.PathLike, threshold: float, classes: Sequence[str],
+                  input_size: int, in_channels: int, gaussian: TiedGaussian | None = None,
+                  heads: Sequence[FeatureHeadWeights] = ()) -> Bundle:
+    """Write a bundle into `out_dir` (created) from an exported ONNX graph and what decides novelty.
 
-    `gaussian` must be fitted at the last-linear gradient site of the same classifier, `threshold`
-    on its scores (novel when score > threshold); `classes` are the known classes in label order.
+    Exactly one of: `gaussian`, fitted at the last-linear gradient site of the same classifier
+    (its score decides), or `heads`, a session's memory_pu feature heads (their mean logit
+    decides). `threshold` is on the deciding score; `classes` are the known classes in label order.
     """
     root = Path(out_dir)
     classes = tuple(classes)
-    means = gaussian.means.detach().cpu().float().numpy()
-    precision = gaussian.precision.detach().cpu().float().numpy()
-    if means.shape[0] != len(classes) or means.shape[1] % len(classes):
-        raise InputError(f"gaussian means {means.shape} do not fit {len(classes)} classes at the last-linear site "
-                         f"(K must be C * (D + 1))")
+    if (gaussian is None) == (not heads):
+        raise InputError("a bundle decides with either gradient statistics or feature heads: give exactly one")
     if not math.isfinite(threshold):
         raise InputError(f"threshold must be finite, got {threshold}")
+    if gaussian is not None:
+        arrays = {"means": gaussian.means.detach().cpu().float().numpy(),
+                  "precision": gaussian.precision.detach().cpu().float().numpy()}
+        _check_gaussian(arrays["means"], arrays["precision"], len(classes), "gaussian")
+        stats = {"method": gaussian.method, "inverse": gaussian.inverse, "dim": int(arrays["means"].shape[1])}
+    else:
+        arrays = {}
+        for index, head in enumerate(heads):
+            head.check(heads[0].mean.shape[0], f"feature head {index}")
+            arrays.update({f"head.{index}.{name}": np.ascontiguousarray(getattr(head, name), dtype=np.float32)
+                           for name in HEAD_ARRAYS})
+        stats = {"heads": len(heads), "in_dim": int(heads[0].mean.shape[0])}
     model_target = root / MODEL_FILE
     if Path(onnx_path).resolve() != model_target.resolve():
         write_bytes_atomic(model_target, Path(onnx_path).read_bytes())
-    stats_metadata = {"format": FORMAT, "method": gaussian.method, "inverse": gaussian.inverse}
-    write_bytes_atomic(root / STATS_FILE, save_arrays({"means": means, "precision": precision}, metadata=stats_metadata))
+    write_bytes_atomic(root / STATS_FILE, save_arrays(arrays, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -112,8 +158,9 @@ def export_bundle(out_dir: str | os.PathLike, onnx_path: str | os.PathLike, gaus
         "classes": list(classes),
         "site": SITE,
         "label_rule": "predicted",
+        "decision": DECISIONS[0] if gaussian is not None else DECISIONS[1],
         "threshold": float(threshold),
-        "gaussian": {"method": gaussian.method, "inverse": gaussian.inverse, "dim": int(means.shape[1])},
+        "statistics": stats,
         "files": {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
                   for name in (MODEL_FILE, STATS_FILE)},
     }
@@ -127,22 +174,40 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     manifest = _read_manifest(root / MANIFEST_FILE)
     for name in (MODEL_FILE, STATS_FILE):
         _verify_file(root, name, manifest)
+    classes = tuple(manifest["classes"])
+    means = precision = None
+    heads: tuple[FeatureHeadWeights, ...] = ()
     try:
         arrays = load_arrays((root / STATS_FILE).read_bytes())
-        means, precision = arrays["means"], arrays["precision"]
-    except (SafetensorError, KeyError) as exc:
+        if manifest["decision"] == DECISIONS[0]:
+            means = arrays["means"].astype(np.float32, copy=False)
+            precision = arrays["precision"].astype(np.float32, copy=False)
+        else:
+            heads = tuple(FeatureHeadWeights(**{name: arrays[f"head.{index}.{name}"] for name in HEAD_ARRAYS})
+                          for index in range(int(manifest["statistics"]["heads"])))
+    except (SafetensorError, KeyError, ValueError, TypeError) as exc:
         raise StateError(f"{root / STATS_FILE}: not a readable statistics file ({exc})") from exc
-    classes = tuple(manifest["classes"])
-    dim = means.shape[1] if means.ndim == 2 else -1
-    if means.shape[0] != len(classes) or dim % len(classes) or precision.shape != (dim, dim):
-        raise StateError(f"{root / STATS_FILE}: means {means.shape} and precision {precision.shape} do not fit "
-                         f"{len(classes)} classes at the last-linear site")
+    if means is not None:
+        _check_gaussian(means, precision, len(classes), str(root / STATS_FILE), StateError)
+    elif not heads:
+        raise StateError(f"{root / MANIFEST_FILE}: decision {DECISIONS[1]!r} but no feature head")
+    for index, head in enumerate(heads):
+        head.check(heads[0].mean.shape[0], f"{root / STATS_FILE} head {index}")
     threshold = manifest["threshold"]
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise StateError(f"{root / MANIFEST_FILE}: threshold must be a finite number, got {threshold!r}")
     geometry = manifest["input"]
     return Bundle(root, classes, int(geometry["size"]), int(geometry["channels"]), float(threshold),
-                  means.astype(np.float32, copy=False), precision.astype(np.float32, copy=False), manifest)
+                  means, precision, heads, manifest)
+
+
+def _check_gaussian(means: np.ndarray, precision: np.ndarray, num_classes: int, origin: str,
+                    error: type[Exception] = InputError) -> None:
+    """Means [C, K] and precision [K, K] with K = C * (D + 1): the last-linear site's layout."""
+    dim = means.shape[1] if means.ndim == 2 else -1
+    if means.shape[0] != num_classes or dim % num_classes or precision.shape != (dim, dim):
+        raise error(f"{origin}: means {means.shape} and precision {precision.shape} do not fit {num_classes} "
+                    f"classes at the last-linear site (K must be C * (D + 1))")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -157,11 +222,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("version") != FORMAT_VERSION:
         raise StateError(f"{path} has bundle format version {manifest.get('version')!r}; "
                          f"this runtime reads {FORMAT_VERSION}")
-    missing = [key for key in ("classes", "threshold", "input", "files", "site") if key not in manifest]
+    missing = [key for key in ("classes", "threshold", "input", "files", "site", "decision", "statistics")
+               if key not in manifest]
     if missing:
         raise StateError(f"{path} lacks {', '.join(missing)}")
     if not isinstance(manifest["files"], dict) or not isinstance(manifest["input"], dict):
         raise StateError(f"{path}: 'files' and 'input' must be mappings")
+    if manifest["decision"] not in DECISIONS:
+        raise StateError(f"{path}: decision {manifest['decision']!r} is not one of {DECISIONS}")
     if manifest["site"] != SITE:
         raise StateError(f"{path}: gradient site {manifest['site']!r} is not supported by the runner (only {SITE!r})")
     return manifest

@@ -6,8 +6,9 @@ CUDA C kernel through pycuda; the decision is numpy. Nothing here imports torch.
 
 The decision mirrors the torch session exactly (edge_runtime.deploy.reference.decide): the score
 is the squared Mahalanobis distance of the last-layer cross-entropy gradient for the predicted
-label; an input is novel when score > threshold and then gets the label `len(classes)` (the
-'+1' class), otherwise the predicted label.
+label or, for a bundle exported from an adapted session, the mean logit of its feature heads
+(bundle.decision); an input is novel when score > threshold and then gets the label
+`len(classes)` (the '+1' class), otherwise the predicted label.
 
 Tolerance against torch on the same inputs, fp32 onnxruntime backbone and numpy scores (stated
 limits, with what tests/test_deploy_onnx.py measured): features and logits within 1e-4 absolute +
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.deploy.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle, load_bundle
+from edge_runtime.deploy.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle, FeatureHeadWeights, load_bundle
 from edge_runtime.deploy.tensorrt_engine import TensorRTBackbone, engine_path_for, require
 from edge_runtime.errors import ConfigError, InputError
 
@@ -73,6 +74,20 @@ def last_layer_scores(features: np.ndarray, logits: np.ndarray, labels: np.ndarr
     augmented = np.concatenate([features.astype(np.float32, copy=False), np.ones((batch, 1), np.float32)], axis=1)
     centred = (residual[:, :, None] * augmented[:, None, :]).reshape(batch, dim) - means[labels]
     return ((centred @ precision) * centred).sum(axis=1, dtype=np.float32)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def feature_head_scores(features: np.ndarray, logits: np.ndarray, heads: tuple[FeatureHeadWeights, ...]) -> np.ndarray:
+    """Mean logit of the heads on [features, log-softmax(logits)], float32 [B]: the numpy twin of
+    SelfSupervisedDetector's memory_pu score."""
+    inputs = np.concatenate([features, log_softmax(logits)], axis=1).astype(np.float32, copy=False)
+    outputs = [np.maximum((inputs - head.mean) / head.std @ head.w1.T + head.b1, 0) @ head.w2.T + head.b2
+               for head in heads]
+    return np.mean(outputs, axis=0)[:, 0].astype(np.float32, copy=False)
 
 
 def decide(scores: np.ndarray, logits: np.ndarray, threshold: float, novel_label: int) -> Decisions:
@@ -141,7 +156,8 @@ class DeployRunner:
         self.bundle = bundle
         self.batch_size = batch_size
         self.backbone = self._open_backbone(backbone, precision)
-        self.scorer = self._open_scorer(kernel)
+        # Feature heads are a few small matrix products: numpy runs them, whatever `kernel` says.
+        self.scorer = self._open_scorer(kernel) if bundle.means is not None else None
 
     @classmethod
     def open(cls, path: str | os.PathLike, backbone: str = "onnxruntime", kernel: str = "numpy",
@@ -161,6 +177,9 @@ class DeployRunner:
     def predict(self, images: np.ndarray) -> Decisions:
         """Label, novelty flag and score for each image (uint8 NHWC or [0,1] float32 NCHW)."""
         features, logits = self.embed(images)
+        if self.bundle.heads:
+            scores = feature_head_scores(features, logits, self.bundle.heads)
+            return decide(scores, logits, self.bundle.threshold, self.bundle.novel_label)
         predicted = logits.argmax(axis=1).astype(np.int64)
         scores = np.concatenate([self.scorer(features[start:start + self.batch_size],
                                              logits[start:start + self.batch_size],
@@ -180,6 +199,7 @@ class DeployRunner:
         return engine
 
     def _open_scorer(self, kernel: str) -> Scorer:
+        """The gradient-Mahalanobis scorer the profile names."""
         if kernel == "numpy":
             return NumpyScorer(self.bundle.means, self.bundle.precision)
         from edge_runtime.deploy.cuda_scorer import CudaScorer
