@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     overrides = {**PROFILES[args.profile], **dict(_assignment(item) for item in args.set)}
     detector_config = with_overrides(config_from_dict({}), overrides).detector
-    data = load_one_class_data(args.dataset, progress=not args.no_progress)
+    data = load_one_class_data(args.dataset, progress=not args.no_progress, validation=args.validation)
     if args.limit_eval is not None:
         data = OneClassData(data.train, first_per_class(data.evaluation, args.limit_eval), data.split_note)
     classes = args.classes if args.classes is not None else list(range(len(data.train.classes)))
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(one_class_table(metrics, args.dataset, [data.train.classes[c] for c in classes], methods))
     config = {"dataset": args.dataset, "split": data.split_note, "classes": [data.train.classes[c] for c in classes],
               "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
-              "methods": list(methods), "profile": args.profile,
+              "methods": list(methods), "profile": args.profile, "validation": args.validation,
               "seed": args.seed, "detector": detector_config.model_dump(mode="json"),
               "fit_and_score_seconds": seconds, "torch_threads": torch.get_num_threads()}
     path = write_result(args.out, config, metrics, device, command="python benchmarks/one_class.py " + " ".join(
@@ -160,6 +160,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, default=None, help="first N training images per class")
     parser.add_argument("--limit-eval", type=int, default=None, help="first N evaluation images per class (quick runs)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on a held-out part of the training images (to choose hyper-parameters)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="detector config override, e.g. --set vae.vae_epochs=50 --set drocc.radius=4")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -22,6 +22,7 @@ from edge_runtime.errors import DataError
 from edge_runtime.metrics import ood_metrics
 
 MNIST_EVAL_FRACTION = 0.5
+VALIDATION_FRACTION = 0.2
 SPLIT_SEED = 0
 
 # Published means (AUROC as a fraction): Kwon et al. (VAE gradients) and DROCC (LeNet), DESIGN.md.
@@ -43,17 +44,26 @@ class OneClassData:
 
 
 def load_one_class_data(dataset: str, path: str | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                        progress: bool = True) -> OneClassData:
-    """The training and evaluation images of `dataset` under the one-class protocol."""
+                        progress: bool = True, validation: bool = False) -> OneClassData:
+    """The training and evaluation images of `dataset` under the one-class protocol.
+
+    `validation` evaluates on a stratified VALIDATION_FRACTION of the training images instead (and
+    trains on the rest): where hyper-parameters are chosen, so the evaluation images stay unseen.
+    """
     if dataset == "mnist":
         test = load_split("mnist", "test", path, cache_dir, progress=progress)
         train, evaluation = stratified_halves(test, MNIST_EVAL_FRACTION, SPLIT_SEED)
         note = (f"MNIST test split only (10k): stratified {1 - MNIST_EVAL_FRACTION:.0%} train / "
                 f"{MNIST_EVAL_FRACTION:.0%} evaluation, seed {SPLIT_SEED}")
+    else:
+        train = load_split(dataset, "train", path, cache_dir, progress=progress)
+        evaluation = load_split(dataset, "test", path, cache_dir, progress=progress)
+        note = f"{dataset}: train split to train, test split to evaluate"
+    if not validation:
         return OneClassData(train, evaluation, note)
-    train = load_split(dataset, "train", path, cache_dir, progress=progress)
-    evaluation = load_split(dataset, "test", path, cache_dir, progress=progress)
-    return OneClassData(train, evaluation, f"{dataset}: train split to train, test split to evaluate")
+    train, held = stratified_halves(train, VALIDATION_FRACTION, SPLIT_SEED + 1)
+    return OneClassData(train, held, f"validation: a stratified {VALIDATION_FRACTION:.0%} of the training images "
+                                     f"evaluates, the rest trains; evaluation images unused ({note})")
 
 
 def stratified_halves(data: ImageSet, eval_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
