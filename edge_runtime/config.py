@@ -23,6 +23,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+CorruptionName = Literal["lens_blur", "gaussian_blur", "gaussian_noise", "haze", "rain"]
+
+
+class NovelConditionConfig(_Section):
+    """Known classes seen under a new imaging condition (a corruption at a severity) as the novel input type."""
+
+    kind: CorruptionName
+    level: int = Field(3, ge=1, le=5, description="severity, 1 (mild) .. 5 (strong)")
+
+
 class DataConfig(_Section):
     """The in-distribution data set and which of its classes is held out as the novel one."""
 
@@ -31,6 +41,9 @@ class DataConfig(_Section):
     novel_class: str | None = Field(None, description="class held out of training; None keeps every class known")
     calibration_holdout: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of known training images held back")
     limit_per_class: int | None = Field(None, gt=0, description="cap on training images per class (quick runs)")
+    novel_condition: NovelConditionConfig | None = Field(
+        None, description="make the novel input type a corruption of known images (stream and test) instead of "
+        "the held-out class, whose images then take no part")
     cache_dir: str = ".cache/edge_runtime"
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import torch
 
 from edge_runtime.config import OODSetConfig, RunConfig
 from edge_runtime.data.arrays import ImageSet
+from edge_runtime.data.corruptions import condition_split
 from edge_runtime.data.loader import load_split
 from edge_runtime.data.splits import NovelClassSplit, split_novel_class
 from edge_runtime.data.transforms import conform, to_tensor
@@ -46,6 +47,9 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> PreparedData:
     }
     conformed = {k: conform(v, model.input_size, model.in_channels) for k, v in raw.items()}
     split = split_novel_class(conformed["train"], conformed["test"], data.novel_class, data.calibration_holdout, cfg.seed)
+    if data.novel_condition is not None:
+        split = condition_split(split, data.novel_condition.kind, data.novel_condition.level, cfg.stream.novel_samples,
+                                cfg.seed)
     ood_sets = {ood_set_name(o): conform(_load_ood(o, data.cache_dir, progress), model.input_size, model.in_channels)
                 for o in cfg.ood_sets}
     return PreparedData(split, ood_sets)

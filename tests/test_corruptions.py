@@ -1,16 +1,24 @@
-"""Novel-condition corruptions on real MNIST digits: geometry, severity order, physics, streams."""
+"""Novel-condition corruptions on real MNIST digits: geometry, severity order, physics; condition splits on digits."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from edge_runtime.config import load_config, with_overrides
 from edge_runtime.data.corruptions import (CORRUPTIONS, HAZE_AIRLIGHT, LEVELS, NOISE_STD, _disk_kernel,
-                                           _gaussian_kernel, corrupt, corrupt_set, novel_condition_stream)
+                                           _gaussian_kernel, condition_split, corrupt, corrupt_set)
+from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.loader import load_split
+from edge_runtime.data.splits import split_novel_class
 from edge_runtime.data.transforms import to_tensor
-from edge_runtime.errors import DataError, InputError
+from edge_runtime.errors import ConfigError, InputError
+from edge_runtime.experiment import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +114,29 @@ def test_corrupt_set_keeps_labels_and_matches_the_tensor_path(mnist):
     assert np.abs(to_tensor(corrupted.images[:64]).numpy() - expected.numpy()).max() <= 1 / 255 + 1e-6
 
 
-def test_novel_condition_stream_mixes_clean_and_corrupted_without_reuse(mnist):
-    batches = novel_condition_stream(mnist, "rain", 5, n_clean=60, n_corrupted=40, batch_size=32, seed=3)
-    labels = np.concatenate([b.labels for b in batches])
-    assert [len(b) for b in batches] == [32, 32, 32, 4]
-    assert batches[0].classes == mnist.classes + ("rain-5",)
-    assert int((labels == len(mnist.classes)).sum()) == 40
-    images = np.concatenate([b.images for b in batches]).reshape(100, -1)
-    assert len(np.unique(images, axis=0)) == 100  # no image appears twice
-    with pytest.raises(DataError, match="without overlap"):
-        novel_condition_stream(mnist, "rain", 5, n_clean=150, n_corrupted=100, batch_size=32)
+def test_condition_split_makes_corrupted_known_images_the_novel_type():
+    digits_train, digits_test = load_digits_split("train"), load_digits_split("test")
+    split = split_novel_class(digits_train, digits_test, "9", 0.3, seed=0)
+    conditioned = condition_split(split, "gaussian_blur", 4, novel_samples=50, seed=0)
+    known = len(split.known_classes)
+    assert conditioned.novel_class == "gaussian_blur-4" and conditioned.known_classes == split.known_classes
+    assert conditioned.train is split.train and conditioned.calibration is split.calibration
+    assert len(conditioned.novel_train) == 50 and set(conditioned.novel_train.labels) == {known}
+    clean_test = split.test.images[split.test.labels < known]
+    assert len(conditioned.test) == 2 * len(clean_test)  # each known test image, clean and corrupted; no 9s
+    assert np.array_equal(conditioned.test.images[:len(clean_test)], clean_test)
+    assert set(conditioned.test.labels[len(clean_test):]) == {known}
+    novel_rows = {row.tobytes() for row in conditioned.novel_train.images.reshape(50, -1)}
+    train_rows = {row.tobytes() for row in split.train.images.reshape(len(split.train), -1)}
+    assert not novel_rows & train_rows  # blurred, so no longer the clean training images
+
+
+def test_a_novel_condition_in_the_config_reaches_the_prepared_split():
+    cfg = with_overrides(load_config(ROOT / "configs" / "digits.yaml"),
+                         {"data.novel_condition": {"kind": "haze", "level": 2}, "stream.novel_samples": 30})
+    split = prepare_data(cfg, progress=False).split
+    assert split.novel_class == "haze-2" and len(split.novel_train) == 30
+    with pytest.raises(ConfigError, match="kind"):
+        with_overrides(cfg, {"data.novel_condition": {"kind": "snow", "level": 2}})
+    with pytest.raises(ConfigError, match="level"):
+        with_overrides(cfg, {"data.novel_condition": {"kind": "haze", "level": 6}})

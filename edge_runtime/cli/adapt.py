@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg.data.novel_class is None:
-        raise ConfigError("data.novel_class is not set: adapt needs a held-out class for the stream to bring")
+    if cfg.data.novel_class is None and cfg.data.novel_condition is None:
+        raise ConfigError("neither data.novel_class nor data.novel_condition is set: adapt needs a novel input type "
+                          "for the stream to bring")
     out = output_dir(args.out)
     device = resolve_device(cfg.device)
     split = prepare_data(cfg, args.progress).split

@@ -79,6 +79,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_budget(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if cfg.data.novel_condition is not None:
+        raise ConfigError("bench budget holds each class out in turn; data.novel_condition would replace them all: "
+                          "unset it (adapt and evaluate take novel conditions)")
     out = output_dir(args.out)
     device = resolve_device(cfg.device)
     classes = novel_classes(cfg, args.novel)

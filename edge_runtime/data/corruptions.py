@@ -5,23 +5,27 @@ novel *condition*, not a novel class. These corruptions turn clean test images i
 five severity levels each. Sizes (blur radii, streak lengths) are given for 32-pixel images and
 scaled with the image side, so a level means the same on 28x28 digits and 64x64 crops. Every
 corruption is a batched tensor operation on [N, C, H, W] images in [0, 1] and is reproducible from
-its seed.
+its seed. `condition_split` makes such a condition the novel input type of a 9+1 run
+(`data.novel_condition` in the config).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_runtime.config import CorruptionName
 from edge_runtime.data.arrays import ImageSet
-from edge_runtime.data.splits import build_stream
+from edge_runtime.data.splits import NovelClassSplit
 from edge_runtime.data.transforms import to_tensor
-from edge_runtime.errors import DataError, InputError
+from edge_runtime.errors import InputError
 
-CORRUPTIONS = ("lens_blur", "gaussian_blur", "gaussian_noise", "haze", "rain")
+CORRUPTIONS = get_args(CorruptionName)
 LEVELS = (1, 2, 3, 4, 5)
 REFERENCE_SIDE = 32
 
@@ -71,24 +75,24 @@ def corrupt_set(data: ImageSet, kind: str, level: int, seed: int = 0, chunk: int
     return ImageSet(images, data.labels, data.classes, f"{data.name}-{kind}{level}")
 
 
-def novel_condition_stream(known: ImageSet, kind: str, level: int, n_clean: int, n_corrupted: int,
-                           batch_size: int, seed: int = 0) -> list[ImageSet]:
-    """An unlabeled stream of clean known images mixed with corrupted ones, cut into batches.
+def condition_split(split: NovelClassSplit, kind: str, level: int, novel_samples: int, seed: int = 0) -> NovelClassSplit:
+    """The 9+1 split with the condition '<kind>-<level>' as the novel input type (label K).
 
-    The corrupted images are drawn from `known` and labelled with one extra class named
-    '<kind>-<level>' (index K), the label a 9+1 learner would give the new condition; clean and
-    corrupted draws never share an image. Labels ride along for evaluation only.
+    Its stream pool is `novel_samples` known training images under the corruption (the classifier
+    trained on their clean versions); its test split is every known test image clean plus a
+    corrupted copy of each. Images of a held-out class, if any, take no part.
     """
-    if n_clean + n_corrupted > len(known):
-        raise DataError(f"{known.name} holds {len(known)} images; the stream asks for {n_clean} clean + "
-                        f"{n_corrupted} corrupted, drawn without overlap")
-    order = np.random.default_rng(seed).permutation(len(known))
-    clean = known.subset(order[:n_clean])
-    source = known.subset(order[n_clean:n_clean + n_corrupted])
-    classes = known.classes + (f"{kind}-{level}",)
-    corrupted = corrupt_set(source, kind, level, seed)
-    corrupted = ImageSet(corrupted.images, np.full(len(corrupted), len(known.classes), np.int64), classes, corrupted.name)
-    return build_stream(clean, corrupted, n_clean, n_corrupted, batch_size, seed)
+    known = len(split.known_classes)
+    classes = split.known_classes + (f"{kind}-{level}",)
+    pick = np.random.default_rng(seed).choice(len(split.train), min(novel_samples, len(split.train)), replace=False)
+    novel_train = corrupt_set(split.train.subset(np.sort(pick)), kind, level, seed)
+    known_test = split.test.subset(split.test.labels < known)
+    corrupted_test = corrupt_set(known_test, kind, level, seed + 1)
+    test = ImageSet(np.concatenate([known_test.images, corrupted_test.images]),
+                    np.concatenate([known_test.labels, np.full(len(corrupted_test), known, np.int64)]), classes,
+                    f"{split.test.name}-{kind}{level}")
+    novel = ImageSet(novel_train.images, np.full(len(novel_train), known, np.int64), classes, novel_train.name)
+    return replace(split, novel_class=classes[-1], novel_train=novel, test=test)
 
 
 def _depthwise(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
