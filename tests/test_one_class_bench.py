@@ -1,0 +1,136 @@
+"""The one-class protocol helpers, the benchmark script end to end (tiny sizes, real MNIST), and the
+committed one-class and synthetic result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.data.catalog import CATALOG
+from edge_runtime.data.loader import load_split
+from edge_runtime.one_class import first_per_class, load_one_class_data, stratified_halves
+from edge_runtime.synthetic import SINE_DISPLACEMENTS, SPHERE_RADII
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return load_split("mnist", "test", progress=False)
+
+
+def test_stratified_halves_are_disjoint_balanced_and_seeded(mnist_test):
+    train, evaluation = stratified_halves(mnist_test, 0.5, seed=0)
+    assert len(train) + len(evaluation) == len(mnist_test)
+    for label in range(10):
+        total = int((mnist_test.labels == label).sum())
+        assert int((evaluation.labels == label).sum()) == round(total / 2)
+    rows = lambda data: {row.tobytes() for row in data.images.reshape(len(data), -1)}  # noqa: E731
+    assert not rows(train) & rows(evaluation)
+    again, _ = stratified_halves(mnist_test, 0.5, seed=0)
+    assert np.array_equal(again.images, train.images)
+
+
+def test_mnist_one_class_data_states_the_split_it_uses():
+    data = load_one_class_data("mnist", progress=False)
+    assert (len(data.train), len(data.evaluation)) == (5000, 5000)
+    assert "test split only" in data.split_note
+
+
+def test_first_per_class_keeps_the_first_images_of_each_label(mnist_test):
+    kept = first_per_class(mnist_test, 3)
+    assert len(kept) == 30
+    first_zeros = np.flatnonzero(mnist_test.labels == 0)[:3]
+    assert np.array_equal(kept.images[kept.labels == 0], mnist_test.images[first_zeros])
+
+
+def test_benchmark_script_end_to_end_on_tiny_mnist(tmp_path, check_results):
+    bench = _load_script("one_class")
+    out = tmp_path / "run"
+    code = bench.main(["--dataset", "mnist", "--out", str(out), "--classes", "0,1", "--limit-train", "40",
+                       "--limit-eval", "15", "--methods", "vae_gradient,vae_gradient_mahalanobis,drocc",
+                       "--set", "vae.vae_epochs=2", "--set", "vae.classifier_epochs=2", "--set", "drocc.epochs=3",
+                       "--no-progress"])
+    assert code == 0
+    doc = json.loads((out / "result.json").read_text())
+    expected = {f"auroc/one_class/{m}/mnist/{c}" for m in ("vae_gradient", "vae_gradient_mahalanobis", "drocc")
+                for c in ("0", "1", "mean")}
+    assert set(doc["metrics"]) == expected
+    for method in ("vae_gradient", "drocc"):
+        pair = [doc["metrics"][f"auroc/one_class/{method}/mnist/{c}"] for c in ("0", "1")]
+        assert doc["metrics"][f"auroc/one_class/{method}/mnist/mean"] == pytest.approx(np.mean(pair))
+    assert doc["config"]["detector"]["vae"]["vae_epochs"] == 2 and doc["config"]["limit_eval_per_class"] == 15
+    assert "test split only" in doc["config"]["split"]
+    check_results(out)
+
+
+def test_table_puts_published_numbers_beside_ours():
+    bench = _load_script("one_class")
+    classes = ["airplane", "automobile"]
+    metrics = {f"auroc/one_class/drocc/cifar10/{c}": 0.5 for c in [*classes, "mean"]}
+    table = bench.one_class_table(metrics, "cifar10", classes, ("drocc",))
+    assert "paper drocc" in table.splitlines()[0]
+    assert "0.7420" in table and "n/a" in table  # the mean is published; per-class numbers are not quoted
+    mnist = bench.one_class_table({f"auroc/one_class/drocc/mnist/{c}": 0.5 for c in ["0", "mean"]}, "mnist", ["0"],
+                                  ("drocc",))
+    assert "paper" not in mnist.splitlines()[0]
+
+
+@pytest.mark.parametrize("folder, families", [
+    ("one_class_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc", "drocc_lf"}),
+    ("one_class_fashion_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc", "drocc_lf"}),
+    ("one_class_cifar10", {"vae_gradient", "vae_gradient_mahalanobis", "drocc", "drocc_lf"}),
+    ("drocc_sine", {"drocc", "drocc_lf", "ce_negatives", "ocsvm", "knn"}),
+    ("drocc_sphere", {"drocc", "ocsvm", "knn"}),
+])
+def test_committed_results_follow_the_contract(folder, families, check_results):
+    path = RESULTS / folder / "result.json"
+    assert path.is_file(), f"{path} is missing: run the benchmark (see its docstring)"
+    check_results(path)
+    metrics = json.loads(path.read_text())["metrics"]
+    if folder == "drocc_sine":
+        rows = [f"sine/displacement-{d}" for d in SINE_DISPLACEMENTS]
+    elif folder == "drocc_sphere":
+        rows = [f"sphere/radius-{r}" for r in SPHERE_RADII]
+    else:
+        dataset = folder.removeprefix("one_class_")
+        classes = CATALOG[dataset].classes or load_split(dataset, "test", progress=False).classes
+        rows = [f"{dataset}/{c}" for c in [*classes, "mean"]]
+    for method in families:
+        for row in rows:
+            assert f"auroc/one_class/{method}/{row}" in metrics
+
+
+def test_validation_split_never_touches_the_evaluation_images():
+    data = load_one_class_data("mnist", progress=False, validation=True)
+    plain = load_one_class_data("mnist", progress=False)
+    assert len(data.train) + len(data.evaluation) == len(plain.train)
+    rows = lambda images: {row.tobytes() for row in images.reshape(len(images), -1)}  # noqa: E731
+    assert not rows(data.evaluation.images) & rows(plain.evaluation.images)
+    assert not rows(data.train.images) & rows(plain.evaluation.images)
+    assert "validation" in data.split_note
+
+
+def test_novel_condition_benchmark_end_to_end_on_digits(tmp_path, check_results):
+    bench = _load_script("novel_condition")
+    out = tmp_path / "conditions"
+    assert bench.main(["--dataset", "digits", "--out", str(out), "--limit-train", "40", "--limit-eval", "10",
+                       "--vae-epochs", "5", "--no-progress"]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    methods = {f"{feature}-{head}" for feature in bench.FEATURES for head in bench.HEADS}
+    rows = {f"{kind}-{level}" for kind in ("lens_blur", "gaussian_blur", "gaussian_noise", "haze", "rain")
+            for level in range(1, 6)} | {"mean"}
+    assert set(doc["metrics"]) == {f"auroc/novel_condition/{m}/digits/{r}" for m in methods for r in rows}
+    check_results(out)
