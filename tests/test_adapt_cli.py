@@ -67,4 +67,4 @@ def test_reusing_the_classifier_and_refusing_a_run_without_novel_class(adapted, 
     assert main(args) == 0
     assert not (tmp_path / "again" / "train_checkpoint.pt").exists()  # nothing was trained
     assert main([*args, "--set", "data.novel_class=null"]) == 2
-    assert "data.novel_class is not set" in capsys.readouterr().err
+    assert "neither data.novel_class nor data.novel_condition is set" in capsys.readouterr().err
