@@ -176,7 +176,8 @@ class Session:
             session.observed, session.rounds = int(state["observed"]), int(state["rounds"])
             session._pending = [Observations(batch.get("images"), batch["features"], batch["logits"])
                                 for batch in state["pending"]]
-        except (ConfigError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (ConfigError, StateError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # Inner parts (memory, heads) name what is wrong but not the file: name it here.
             raise StateError(f"{path}: the state passes its checksum but does not fit this runtime: {exc}") from exc
         return session
 
