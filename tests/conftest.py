@@ -13,12 +13,14 @@ from pathlib import Path
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np
 import pytest
 import torch
 
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.catalog import SHARED_DATA
 from edge_runtime.data.loader import load_split
+from edge_runtime.data.transforms import to_tensor
 
 CIFAR_SMALL_PER_CLASS = 30
 
@@ -39,6 +41,16 @@ def digits_train() -> ImageSet:
 @pytest.fixture(scope="session")
 def digits_test() -> ImageSet:
     return load_split("digits", "test")
+
+
+ONE_CLASS_DIGIT = 0
+
+
+@pytest.fixture(scope="session")
+def one_class_digits(digits_train: ImageSet, digits_test: ImageSet) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The one-class detectors' data: (training images of ONE_CLASS_DIGIT, all test images, test labels), [0,1] NCHW."""
+    normal = digits_train.images[digits_train.labels == ONE_CLASS_DIGIT]
+    return to_tensor(normal), to_tensor(digits_test.images), digits_test.labels
 
 
 @pytest.fixture(scope="session")

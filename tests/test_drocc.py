@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_CLASS_DIGIT
 from edge_runtime.config import DROCCConfig, config_from_dict
-from edge_runtime.data.digits import load_digits_split
-from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.base import Observations
 from edge_runtime.detectors.drocc import (DROCCDetector, adversarial_negatives, input_gradient_weights, learning_rate,
                                           mlp, project_annulus, project_weighted_annulus)
@@ -20,7 +19,7 @@ from edge_runtime.metrics import ood_metrics
 from edge_runtime.one_class import observations_of
 from edge_runtime.synthetic import SINE_X_RANGE, sine_manifold, sphere
 
-NORMAL_DIGIT = 0
+NORMAL_DIGIT = ONE_CLASS_DIGIT  # the class one_class_digits trains on
 DIGITS_CONFIG = DROCCConfig(radius=4.0, epochs=12, ce_epochs=2, ascent_steps=5, projection_interval=5,
                             batch_size=64, width=8)
 
@@ -115,33 +114,27 @@ def test_synthetic_sets_lie_where_they_should():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    train, test = load_digits_split("train"), load_digits_split("test")
-    return to_tensor(train.images[train.labels == NORMAL_DIGIT]), to_tensor(test.images), test.labels
+def fitted(one_class_digits) -> DROCCDetector:
+    return DROCCDetector((1, 8, 8), DIGITS_CONFIG, "drocc", seed=0).fit(observations_of(one_class_digits[0]))
 
 
-@pytest.fixture(scope="module")
-def fitted(digits) -> DROCCDetector:
-    return DROCCDetector((1, 8, 8), DIGITS_CONFIG, "drocc", seed=0).fit(observations_of(digits[0]))
-
-
-def test_drocc_detects_other_digits_one_class(fitted, digits):
-    _, images, labels = digits
+def test_drocc_detects_other_digits_one_class(fitted, one_class_digits):
+    _, images, labels = one_class_digits
     scores = fitted.score(observations_of(images)).numpy()
     normal = labels == NORMAL_DIGIT
     assert ood_metrics(scores[normal], scores[~normal])["auroc"] > 0.75
 
 
-def test_scores_are_per_sample(fitted, digits):
-    images = digits[1][:40]
+def test_scores_are_per_sample(fitted, one_class_digits):
+    images = one_class_digits[1][:40]
     alone = torch.cat([fitted.score(observations_of(images[i:i + 1])) for i in range(5)])
     assert torch.allclose(alone, fitted.score(observations_of(images))[:5], atol=1e-5)
 
 
-def test_state_dict_round_trip_and_misuse(fitted, digits):
+def test_state_dict_round_trip_and_misuse(fitted, one_class_digits):
     copy = DROCCDetector((1, 8, 8), DIGITS_CONFIG, "drocc", seed=3)
     copy.load_state_dict(fitted.state_dict())
-    batch = observations_of(digits[1][:30])
+    batch = observations_of(one_class_digits[1][:30])
     assert torch.allclose(copy.score(batch), fitted.score(batch))
     with pytest.raises(StateError, match="'drocc'"):
         DROCCDetector((1, 8, 8), DIGITS_CONFIG, "drocc_lf").load_state_dict(fitted.state_dict())
@@ -155,9 +148,9 @@ def test_state_dict_round_trip_and_misuse(fitted, digits):
         fitted.score(observations_of(torch.rand(2, 3, 8, 8)))
 
 
-def test_drocc_lf_detector_trains_on_digits_with_stand_in_negatives(digits):
+def test_drocc_lf_detector_trains_on_digits_with_stand_in_negatives(one_class_digits):
     detector = DROCCDetector((1, 8, 8), DIGITS_CONFIG.model_copy(update={"epochs": 6, "lf_negatives": 16}), "drocc_lf")
-    detector.fit(observations_of(digits[0]))
-    scores = detector.score(observations_of(digits[1])).numpy()
+    detector.fit(observations_of(one_class_digits[0]))
+    scores = detector.score(observations_of(one_class_digits[1])).numpy()
     assert np.isfinite(scores).all() and scores.std() > 0
-    assert not math.isnan(ood_metrics(scores[digits[2] == 0], scores[digits[2] != 0])["auroc"])
+    assert not math.isnan(ood_metrics(scores[one_class_digits[2] == NORMAL_DIGIT], scores[one_class_digits[2] != NORMAL_DIGIT])["auroc"])

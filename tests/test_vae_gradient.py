@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_CLASS_DIGIT
 from edge_runtime.config import DetectorConfig, VAEGradientConfig
 from edge_runtime.data.corruptions import corrupt
-from edge_runtime.data.digits import load_digits_split
-from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.pixel_registry import build_pixel_detector
 from edge_runtime.detectors.vae_gradient import (ConvVAE, VAEGradientDetector, kl_per_dimension,
@@ -18,20 +17,13 @@ from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.one_class import observations_of
 
-NORMAL_DIGIT = 0
+NORMAL_DIGIT = ONE_CLASS_DIGIT  # the class one_class_digits trains on
 QUICK = VAEGradientConfig(vae_epochs=30, latent_dim=8, width=8, decoder_hidden=32, classifier_epochs=20)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    """(training images of digit 0, test images, test labels) as [0,1] NCHW 8x8."""
-    train, test = load_digits_split("train"), load_digits_split("test")
-    return to_tensor(train.images[train.labels == NORMAL_DIGIT]), to_tensor(test.images), test.labels
-
-
-@pytest.fixture(scope="module")
-def fitted(digits) -> VAEGradientDetector:
-    return VAEGradientDetector((1, 8, 8), QUICK, seed=0).fit(observations_of(digits[0]))
+def fitted(one_class_digits) -> VAEGradientDetector:
+    return VAEGradientDetector((1, 8, 8), QUICK, seed=0).fit(observations_of(one_class_digits[0]))
 
 
 def _reference_gradients(vae: ConvVAE, images: torch.Tensor, site: str) -> torch.Tensor:
@@ -48,8 +40,8 @@ def _reference_gradients(vae: ConvVAE, images: torch.Tensor, site: str) -> torch
 
 
 @pytest.mark.parametrize("site", ["first_decoder", "last_decoder"])
-def test_site_gradients_match_per_sample_autograd(fitted, digits, site):
-    images = digits[1][:6]
+def test_site_gradients_match_per_sample_autograd(fitted, one_class_digits, site):
+    images = one_class_digits[1][:6]
     batched = site_gradients(fitted.vae.double(), images.double(), site)
     fitted.vae.float()
     reference = _reference_gradients(fitted.vae, images, site)
@@ -57,8 +49,8 @@ def test_site_gradients_match_per_sample_autograd(fitted, digits, site):
     assert torch.allclose(batched, reference, rtol=1e-9, atol=1e-9)
 
 
-def test_site_gradients_of_a_sample_do_not_depend_on_its_batch(fitted, digits):
-    images = digits[1][:16]
+def test_site_gradients_of_a_sample_do_not_depend_on_its_batch(fitted, one_class_digits):
+    images = one_class_digits[1][:16]
     alone = site_gradients(fitted.vae, images[3:4], "first_decoder")
     together = site_gradients(fitted.vae, images, "first_decoder")[3:4]
     assert torch.allclose(alone, together, rtol=1e-5, atol=1e-6)
@@ -71,8 +63,8 @@ def test_kl_per_dimension_is_zero_at_the_prior_and_matches_the_closed_form():
     assert torch.allclose(kl_per_dimension(mean, log_var), expected, atol=1e-6)
 
 
-def test_feature_shapes_per_kind(fitted, digits):
-    images = digits[1][:5]
+def test_feature_shapes_per_kind(fitted, one_class_digits):
+    images = one_class_digits[1][:5]
     assert fitted.features(images).shape == (5, 32 * (8 + 1))  # first decoder layer: weight + bias
     for feature, width in (("reconstruction", 64), ("latent", 8)):
         detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"feature": feature}))
@@ -80,59 +72,59 @@ def test_feature_shapes_per_kind(fitted, digits):
         assert detector.features(images).shape == (5, width)
 
 
-def test_mahalanobis_head_detects_other_digits(fitted, digits):
-    _, test_images, labels = digits
+def test_mahalanobis_head_detects_other_digits(fitted, one_class_digits):
+    _, test_images, labels = one_class_digits
     scores = fitted.score(observations_of(test_images)).numpy()
     normal = labels == NORMAL_DIGIT
     assert ood_metrics(scores[normal], scores[~normal])["auroc"] > 0.9
 
 
-def test_last_decoder_site_detects_a_novel_condition(fitted, digits):
+def test_last_decoder_site_detects_a_novel_condition(fitted, one_class_digits):
     """Novel condition: the same digit class, hazed; the last decoder layer's gradients see it."""
     detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"site": "last_decoder"}))
     detector.vae = fitted.vae
-    detector.fit_head(digits[0])
-    clean = digits[1][digits[2] == NORMAL_DIGIT]
+    detector.fit_head(one_class_digits[0])
+    clean = one_class_digits[1][one_class_digits[2] == NORMAL_DIGIT]
     hazed = corrupt(clean, "haze", 3)
     scores = [detector.score(observations_of(images)).numpy() for images in (clean, hazed)]
     assert ood_metrics(*scores)["auroc"] > 0.9
 
 
-def test_noise_classifier_head_learns_its_stand_in_outliers(fitted, digits):
+def test_noise_classifier_head_learns_its_stand_in_outliers(fitted, one_class_digits):
     """The paper's head: noise-distorted known images must score above clean ones."""
-    train = digits[0]
+    train = one_class_digits[0]
     detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"head": "noise_classifier"}))
     detector.vae = fitted.vae
     detector.fit_head(train)
-    clean = digits[1][digits[2] == NORMAL_DIGIT]
+    clean = one_class_digits[1][one_class_digits[2] == NORMAL_DIGIT]
     noisy = (clean + QUICK.noise_std * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
     clean_scores = detector.score(observations_of(clean)).numpy()
     noisy_scores = detector.score(observations_of(noisy)).numpy()
     assert ood_metrics(clean_scores, noisy_scores)["auroc"] > 0.9
 
 
-def test_state_dict_round_trip_gives_identical_scores(fitted, digits):
+def test_state_dict_round_trip_gives_identical_scores(fitted, one_class_digits):
     copy = VAEGradientDetector((1, 8, 8), QUICK, seed=1)
     copy.load_state_dict(fitted.state_dict())
-    batch = observations_of(digits[1][:20])
+    batch = observations_of(one_class_digits[1][:20])
     assert torch.allclose(copy.score(batch), fitted.score(batch))
     other_head = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"head": "noise_classifier"}))
     with pytest.raises(StateError, match="head"):
         other_head.load_state_dict(fitted.state_dict())
 
 
-def test_misuse_raises_typed_errors(digits):
+def test_misuse_raises_typed_errors(one_class_digits):
     with pytest.raises(InputError, match="multiples of 4"):
         VAEGradientDetector((1, 10, 10))
     detector = VAEGradientDetector((1, 8, 8), QUICK)
     with pytest.raises(StateError, match="not fitted"):
-        detector.score(observations_of(digits[1][:2]))
+        detector.score(observations_of(one_class_digits[1][:2]))
     with pytest.raises(InputError, match="no images"):
-        detector.fit(observations_of(digits[0]).__class__(None, torch.zeros(3, 1), torch.zeros(3, 1)))
+        detector.fit(observations_of(one_class_digits[0]).__class__(None, torch.zeros(3, 1), torch.zeros(3, 1)))
     with pytest.raises(InputError, match=r"\(1, 8, 8\)"):
         detector.fit(observations_of(torch.rand(4, 1, 12, 12)))
     with pytest.raises(InputError, match="at least 2"):
-        detector.fit(observations_of(digits[0][:1]))
+        detector.fit(observations_of(one_class_digits[0][:1]))
 
 
 def test_pixel_registry_builds_each_pixel_detector():
