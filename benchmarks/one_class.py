@@ -41,9 +41,8 @@ from edge_runtime.data.catalog import CATALOG
 from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.vae_gradient import VAEGradientDetector
 from edge_runtime.device import resolve_device
-from edge_runtime.one_class import (PAPER_MEAN_AUROC, OneClassData, auroc_one_vs_rest,
-                                    first_per_class, load_one_class_data, normal_class_images, one_class_auroc,
-                                    score_images)
+from edge_runtime.one_class import (PAPER_MEAN_AUROC, OneClassData, evaluation_auroc, first_per_class,
+                                    load_one_class_data, normal_class_images, observations_of)
 from edge_runtime.results import format_table, metric_key, write_result
 
 VAE_METHODS: dict[str, dict[str, str]] = {
@@ -116,12 +115,9 @@ def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tu
                 shared_vae = detector.fit_vae(normal).vae
             detector.vae = shared_vae
             detector.fit_head(normal)
-            scores = score_images(detector, data.evaluation.images, device)
-            auroc = auroc_one_vs_rest(scores, data.evaluation.labels, label)
         else:
-            auroc = one_class_auroc(DROCCDetector(image_shape, config.drocc, method, seed, progress), data, label,
-                                    device, limit_train)
-        yield method, auroc, time.perf_counter() - start
+            detector = DROCCDetector(image_shape, config.drocc, method, seed, progress).fit(observations_of(normal))
+        yield method, evaluation_auroc(detector, data, label, device), time.perf_counter() - start
 
 
 def one_class_table(metrics: dict[str, float], dataset: str, class_names: list[str], methods: tuple[str, ...]) -> str:

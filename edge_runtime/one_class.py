@@ -119,10 +119,8 @@ def auroc_one_vs_rest(scores: np.ndarray, labels: np.ndarray, normal_label: int)
     return ood_metrics(scores[is_normal], scores[~is_normal])["auroc"]
 
 
-def one_class_auroc(detector: Detector, data: OneClassData, normal_label: int, device: torch.device | str = "cpu",
-                    limit_train: int | None = None) -> float:
-    """Fit `detector` on the training images of `normal_label`, then its AUROC on the whole evaluation split."""
-    normal = normal_class_images(data, normal_label, limit_train, device)
-    detector.fit(observations_of(normal), torch.full((len(normal),), normal_label, dtype=torch.long, device=normal.device))
+def evaluation_auroc(detector: Detector, data: OneClassData, normal_label: int,
+                     device: torch.device | str = "cpu") -> float:
+    """AUROC of a detector fitted on `normal_label` alone, over the whole evaluation split."""
     return auroc_one_vs_rest(score_images(detector, data.evaluation.images, device), data.evaluation.labels,
                              normal_label)
