@@ -18,6 +18,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str | Non
     """--config, --set, --out and --no-progress, the arguments every measuring command takes."""
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="YAML run config" + (f" (default: {default_config})" if default_config else ""))
+    add_output_arguments(parser)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--set, --out and --no-progress, for commands whose config may come from elsewhere than --config."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable; VALUE is YAML)")
     parser.add_argument("--out", required=True, help="directory receiving result.json, plots and state")

@@ -21,7 +21,7 @@ import torch
 
 from calibration.int8 import CalibrationBatches, cache_path_for, entropy_calibrator
 from calibration.threshold import threshold_at_fpr
-from edge_runtime.cli.common import config_from_args
+from edge_runtime.cli.common import add_output_arguments, config_from_args
 from edge_runtime.config import DeployConfig, RunConfig, load_config
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit
@@ -48,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML run config: fit the gradient statistics and threshold now")
     source.add_argument("--session", help="saved session state: export its classifier and adapted novelty head")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a --config value, e.g. --set train.epochs=3 (repeatable; VALUE is YAML)")
-    parser.add_argument("--out", required=True, help="directory receiving result.json and the bundle")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_output_arguments(parser)
     parser.add_argument("--profile", help="device profile YAML (configs/cpu.yaml, configs/rtx-desktop.yaml, "
                                           "configs/jetson-orin.yaml); default: the config's deploy section")
     parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
