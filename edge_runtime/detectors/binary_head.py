@@ -46,7 +46,8 @@ class PaperCNN(nn.Module):
 
 
 class FeatureHead(nn.Module):
-    """Standardised [features, log-softmax(logits)] -> hidden ReLU layer -> one logit.
+    """Standardised input vector -> hidden ReLU layer -> one logit. The binary head feeds it
+    [features, log-softmax(logits)]; vae_gradient, as the paper's 2-layer classifier, VAE features.
 
     The standardisation (mean/std of the training inputs) is stored as buffers, so every score
     depends on its own input only.

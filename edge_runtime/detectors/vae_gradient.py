@@ -27,6 +27,7 @@ from tqdm.auto import trange
 from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
 from edge_runtime.config import VAEGradientConfig
+from edge_runtime.detectors.binary_head import FeatureHead
 from edge_runtime.detectors.pixel_base import PixelDetector
 from edge_runtime.errors import InputError, StateError
 
@@ -118,23 +119,6 @@ def site_gradients(vae: ConvVAE, images: torch.Tensor, site: str) -> torch.Tenso
     return torch.cat(parts)
 
 
-class NoveltyClassifier(nn.Module):
-    """Standardised features -> hidden ReLU layer -> one logit (the paper's 2-layer classifier).
-
-    The standardisation is stored as buffers fitted on known features, so a score depends on its
-    own input only.
-    """
-
-    def __init__(self, in_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
-        self.layers = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers((features - self.mean) / self.std).squeeze(1)
-
-
 class VAEGradientDetector(PixelDetector):
     """Score = the head's output on one feature of the VAE; higher = more novel.
 
@@ -154,7 +138,7 @@ class VAEGradientDetector(PixelDetector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vae = ConvVAE(self.image_shape, config.latent_dim, config.width, config.decoder_hidden)
-        self.classifier_net: NoveltyClassifier | None = None
+        self.classifier_net: FeatureHead | None = None
         self.gaussian: TiedGaussian | None = None
 
     def fit_pixels(self, images: torch.Tensor) -> "VAEGradientDetector":
@@ -235,7 +219,7 @@ class VAEGradientDetector(PixelDetector):
         targets = torch.cat([torch.zeros(len(inliers)), torch.ones(len(outliers))]).to(inputs.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1)
-            network = NoveltyClassifier(inputs.shape[1], self.config.classifier_hidden).to(inputs.device)
+            network = FeatureHead(inputs.shape[1], self.config.classifier_hidden).to(inputs.device)
         network.mean.copy_(inliers.mean(dim=0))
         network.std.copy_(inliers.std(dim=0).clamp_min(1e-8))
         optimiser = torch.optim.Adam(network.parameters(), lr=self.config.classifier_lr)
@@ -271,7 +255,7 @@ class VAEGradientDetector(PixelDetector):
             if self.config.head == "mahalanobis":
                 self.gaussian = TiedGaussian.from_state_dict(state["head"])
             else:
-                network = NoveltyClassifier(state["head"]["mean"].shape[0], self.config.classifier_hidden)
+                network = FeatureHead(state["head"]["mean"].shape[0], self.config.classifier_hidden)
                 network.load_state_dict(state["head"])
                 self.classifier_net = network.eval()
         except (RuntimeError, KeyError) as exc:
