@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from sklearn.svm import OneClassSVM
 
-from edge_runtime.config import DROCCConfig
+from edge_runtime.config import DROCCConfig, config_to_dict, evolve_config
 from edge_runtime.detectors.drocc import mlp, train_drocc
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.results import format_table, metric_key, write_result
@@ -41,7 +41,7 @@ KNN_K = 5
 MLP_WIDTH = 64
 SINE_DROCC = DROCCConfig(radius=0.1, gamma=2.0, mu=1.0, ce_epochs=5, epochs=100, ascent_steps=10,
                          ascent_step_size=1e-3, projection_interval=5, lr=3e-3, batch_size=128)
-SPHERE_DROCC = SINE_DROCC.model_copy(update={"radius": 0.5})
+SPHERE_DROCC = evolve_config(SINE_DROCC, radius=0.5)
 
 Scorer = Callable[[torch.Tensor], np.ndarray]  # test points -> novelty scores (higher = more novel)
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {
             "drocc": _drocc(positives, SINE_DROCC, args.seed),
             "drocc_lf": _drocc(positives, SINE_DROCC, args.seed, negatives=negatives, feature_weighted=True),
-            "ce_negatives": _drocc(positives, SINE_DROCC.model_copy(update={"mu": 0.0}), args.seed, negatives=negatives),
+            "ce_negatives": _drocc(positives, evolve_config(SINE_DROCC, mu=0.0), args.seed, negatives=negatives),
             "ocsvm": _ocsvm(positives),
             "knn": _knn(positives),
         }
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = _evaluate(args.table, methods, known, tests)
     print(_table(metrics, args.table, list(methods), list(tests)))
     config = {"table": args.table, "train_positives": TRAIN_POSITIVES, "test_points_per_set": TEST_POINTS,
-              "seed": args.seed, "mlp_width": MLP_WIDTH, "knn_k": KNN_K, "drocc": drocc_config.model_dump(),
+              "seed": args.seed, "mlp_width": MLP_WIDTH, "knn_k": KNN_K, "drocc": config_to_dict(drocc_config),
               "ocsvm": {"kernel": "rbf", "gamma": "scale", "nu": 0.1}, "torch_threads": args.threads,
               "paper_numbers": "not available offline; the table shows ours and baselines only"}
     if args.table == "sine":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edge_runtime.config import VAEGradientConfig
+from edge_runtime.config import VAEGradientConfig, config_to_dict, evolve_config
 from edge_runtime.data.corruptions import CORRUPTIONS, LEVELS, corrupt
 from edge_runtime.data.loader import load_split
 from edge_runtime.data.transforms import to_tensor
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [f"{feature}/{head}" for feature in FEATURES for head in HEADS]
     for method in tqdm(methods, desc="features x heads", disable=args.no_progress):
         feature, head = method.split("/")
-        detector = VAEGradientDetector(image_shape, base.model_copy(update={**FEATURES[feature], "head": head}),
+        detector = VAEGradientDetector(image_shape, evolve_config(base, **FEATURES[feature], head=head),
                                        args.seed, False, device)
         detector.vae = vae
         detector.fit_head(known)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             [metrics[metric_key("auroc", "novel_condition", name, args.dataset, c)] for c in conditions]))
     print(condition_table(metrics, args.dataset, [*conditions, "mean"], [m.replace("/", "-") for m in methods]))
     config = {"dataset": args.dataset, "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
-              "vae": base.model_dump(), "seed": args.seed, "seconds": time.perf_counter() - started,
+              "vae": config_to_dict(base), "seed": args.seed, "seconds": time.perf_counter() - started,
               "split": "VAE and heads on the train split (all classes, clean); clean vs corrupted test images"}
     path = write_result(args.out, config, metrics, device, command="python benchmarks/novel_condition.py " + " ".join(
         argv if argv is not None else sys.argv[1:]))

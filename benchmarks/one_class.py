@@ -36,7 +36,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from edge_runtime.config import DetectorConfig, config_from_dict, with_overrides
+from edge_runtime.config import DetectorConfig, config_from_dict, config_to_dict, evolve_config, with_overrides
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.vae_gradient import VAEGradientDetector
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"dataset": args.dataset, "split": data.split_note, "classes": [data.train.classes[c] for c in classes],
               "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
               "methods": list(methods), "profile": args.profile, "validation": args.validation,
-              "seed": args.seed, "detector": detector_config.model_dump(mode="json"),
+              "seed": args.seed, "detector": config_to_dict(detector_config),
               "fit_and_score_seconds": seconds, "torch_threads": torch.get_num_threads()}
     path = write_result(args.out, config, metrics, device, command="python benchmarks/one_class.py " + " ".join(
         argv if argv is not None else sys.argv[1:]))
@@ -110,7 +110,7 @@ def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tu
     for method in methods:
         start = time.perf_counter()
         if method in VAE_METHODS:
-            detector = VAEGradientDetector(image_shape, config.vae.model_copy(update=VAE_METHODS[method]), seed, progress)
+            detector = VAEGradientDetector(image_shape, evolve_config(config.vae, **VAE_METHODS[method]), seed, progress)
             if shared_vae is None:
                 shared_vae = detector.fit_vae(normal).vae
             detector.vae = shared_vae

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from edge_runtime.config import load_config, with_overrides
+from edge_runtime.config import config_to_dict, load_config, with_overrides
 from edge_runtime.device import resolve_device
 from edge_runtime.evaluation import adaptation_data
 from edge_runtime.experiment import prepare_data, train_frozen_classifier
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "adapt_seconds/soak/mean": float(np.mean(adapt_seconds)) if adapt_seconds else 0.0,
         "adapt_seconds/soak/max": float(np.max(adapt_seconds)) if adapt_seconds else 0.0,
     }
-    write_result(out, cfg.model_dump(mode="json"), metrics, device,
+    write_result(out, config_to_dict(cfg), metrics, device,
                  command="python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table([[name, value] for name, value in metrics.items()], ["metric", "value"]))
     return 0

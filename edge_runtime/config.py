@@ -1,258 +1,342 @@
 """Typed, validated run configuration loaded from YAML.
 
-Every section is a frozen pydantic model that forbids unknown keys, so a typo or an impossible
-value is a `ConfigError` naming the key path and what is allowed, never a silent default.
+Every section is a frozen, keyword-only attrs class. One validator, attached to every field,
+checks the value against the field's annotation (bool is not an int here; a Literal takes only
+its choices) and its bounds, so a section refuses a bad value however it is built. Plain data
+from YAML, the command line or a saved file is shaped into sections by `section_from_dict`, which
+refuses unknown keys; each refusal is a `ConfigError` naming the key path and what is allowed,
+never a silent default. `evolve_config` and `config_to_dict` are the ways to change a section
+and to write one out.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
+import sys
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import attrs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.errors import ConfigError
 
 DatasetName = Literal["digits", "cifar10", "mnist", "fashion_mnist", "tinyimagenet", "image_folder"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
 CorruptionName = Literal["lens_blur", "gaussian_blur", "gaussian_noise", "haze", "rain"]
 
+SectionT = TypeVar("SectionT")
 
-class NovelConditionConfig(_Section):
+_BOUNDS = {"gt": (operator.gt, "greater than"), "ge": (operator.ge, "greater than or equal to"),
+           "lt": (operator.lt, "less than"), "le": (operator.le, "less than or equal to")}
+_SCALARS = {bool: "true or false", int: "an integer", float: "a floating-point number", str: "a string"}
+
+
+class _Refusal(ConfigError):
+    """A section refusing a value while it is built; `key` is the field, None for a cross-field check."""
+
+    def __init__(self, problem: str, key: str | None = None):
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.problem, self.key = problem, key
+
+
+def _field(default: Any = attrs.NOTHING, *, factory: Callable[[], Any] | None = None, description: str = "",
+           gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    """A field whose description and numeric bounds are metadata, read by the one validator and by readers."""
+    bounds = {name: bound for name, bound in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if bound is not None}
+    return attrs.field(default=default, factory=factory, metadata={"description": description, "bounds": bounds})
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Why `value` does not fit the annotation `hint`, or None when it does."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if any(type(value) is type(choice) and value == choice for choice in args):
+            return None
+        return f"must be one of {', '.join(map(repr, args))} (got {value!r})"
+    if origin in (Union, types.UnionType):
+        return None if value is None else _type_problem(_not_none(args), value)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return f"must be a list (got {value!r})"
+        problems = ((index, _type_problem(args[0], item)) for index, item in enumerate(value))
+        return next((f"item {index} {problem}" for index, problem in problems if problem), None)
+    if attrs.has(hint):
+        return None if isinstance(value, hint) else f"must be a mapping of {hint.__name__} keys (got {value!r})"
+    if hint is float:
+        fits = isinstance(value, float) or (_is_int(value) and abs(value) <= sys.float_info.max)
+    else:
+        fits = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    return None if fits else f"must be {_SCALARS[hint]} (got {value!r})"
+
+
+def _bound_problem(bounds: dict[str, float], value: Any) -> str | None:
+    """Why `value` breaks a bound, or None; NaN breaks every bound, as each comparison with it is False."""
+    if value is None:
+        return None
+    for name, bound in bounds.items():
+        compare, words = _BOUNDS[name]
+        if not compare(value, bound):
+            return f"must be {words} {bound} (got {value!r})"
+    return None
+
+
+def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """The validator of every field: its annotation first, then its bounds."""
+    hint = _hints(type(instance))[attribute.name]
+    problem = _type_problem(hint, value) or _bound_problem(attribute.metadata.get("bounds", {}), value)
+    if problem:
+        raise _Refusal(problem, key=attribute.name)
+
+
+def _checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
+    """attrs field transformer: every field of a section gets `_check`, declared with `_field` or not."""
+    return [field.evolve(validator=_check) for field in fields]
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The annotations of section `cls` as types (this module's annotations are strings until resolved)."""
+    return get_type_hints(cls)
+
+
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class NovelConditionConfig:
     """Known classes seen under a new imaging condition (a corruption at a severity) as the novel input type."""
 
     kind: CorruptionName
-    level: int = Field(3, ge=1, le=5, description="severity, 1 (mild) .. 5 (strong)")
+    level: int = _field(3, ge=1, le=5, description="severity, 1 (mild) .. 5 (strong)")
 
 
-class DataConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class DataConfig:
     """The in-distribution data set and which of its classes is held out as the novel one."""
 
     dataset: DatasetName = "digits"
-    path: str | None = Field(None, description="tarball, directory or IDX folder; default from the catalog")
-    novel_class: str | None = Field(None, description="class held out of training; None keeps every class known")
-    calibration_holdout: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of known training images held back")
-    limit_per_class: int | None = Field(None, gt=0, description="cap on training images per class (quick runs)")
-    novel_condition: NovelConditionConfig | None = Field(
+    path: str | None = _field(None, description="tarball, directory or IDX folder; default from the catalog")
+    novel_class: str | None = _field(None, description="class held out of training; None keeps every class known")
+    calibration_holdout: float = _field(0.1, ge=0.0, lt=1.0, description="fraction of known training images held back")
+    limit_per_class: int | None = _field(None, gt=0, description="cap on training images per class (quick runs)")
+    novel_condition: NovelConditionConfig | None = _field(
         None, description="make the novel input type a corruption of known images (stream and test) instead of "
         "the held-out class, whose images then take no part")
     cache_dir: str = ".cache/edge_runtime"
 
-    @model_validator(mode="after")
-    def _novel_class_exists(self) -> "DataConfig":
+    def __attrs_post_init__(self) -> None:
         classes = CATALOG[self.dataset].classes
         if self.novel_class is not None and classes is not None and self.novel_class not in classes:
-            raise ValueError(f"novel_class {self.novel_class!r} is not a class of {self.dataset}; allowed: {', '.join(classes)}")
-        return self
+            raise _Refusal(f"novel_class {self.novel_class!r} is not a class of {self.dataset}; "
+                           f"allowed: {', '.join(classes)}")
 
 
-class OODSetConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class OODSetConfig:
     """A data set used only as novel inputs at evaluation time."""
 
     dataset: DatasetName
     path: str | None = None
     split: str = "test"
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = _field(None, gt=0)
 
 
-class ModelConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class ModelConfig:
     """The frozen classifier's architecture and the input geometry it expects."""
 
     arch: Literal["small_cnn", "resnet18", "resnet34", "fastnet", "custom"] = "small_cnn"
-    input_size: int = Field(8, ge=4, le=512)
+    input_size: int = _field(8, ge=4, le=512)
     in_channels: Literal[1, 3] = 1
-    width: int = Field(32, gt=0, le=1024)
-    factory: str | None = Field(None, description="'package.module:function' building a custom nn.Module")
-    final_layer: str = Field("fc", description="attribute path of the final nn.Linear inside the model")
+    width: int = _field(32, gt=0, le=1024)
+    factory: str | None = _field(None, description="'package.module:function' building a custom nn.Module")
+    final_layer: str = _field("fc", description="attribute path of the final nn.Linear inside the model")
 
-    @model_validator(mode="after")
-    def _custom_needs_factory(self) -> "ModelConfig":
+    def __attrs_post_init__(self) -> None:
         if self.arch == "custom" and not self.factory:
-            raise ValueError("arch 'custom' needs factory: 'package.module:function'")
+            raise _Refusal("arch 'custom' needs factory: 'package.module:function'")
         if self.factory and self.arch != "custom":
-            raise ValueError("factory is only used with arch 'custom'")
-        return self
+            raise _Refusal("factory is only used with arch 'custom'")
 
 
-class TrainConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class TrainConfig:
     """Recipe for training the frozen (IDD) classifier."""
 
-    epochs: int = Field(20, gt=0, le=10_000)
-    batch_size: int = Field(128, gt=0)
+    epochs: int = _field(20, gt=0, le=10_000)
+    batch_size: int = _field(128, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    lr: float = _field(0.05, gt=0.0)
+    momentum: float = _field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = _field(5e-4, ge=0.0)
+    label_smoothing: float = _field(0.0, ge=0.0, lt=1.0)
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     flip: bool = True
-    translate: int = Field(2, ge=0, le=16)
+    translate: int = _field(2, ge=0, le=16)
     amp: bool = True
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_decay: float | None = _field(None, gt=0.0, lt=1.0)
     tta: bool = True
 
 
-class BinaryHeadConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class BinaryHeadConfig:
     """The self-supervised IDD/OOD classifier trained on pseudo-labels (paper defaults)."""
 
     arch: Literal["paper_cnn", "feature_head"] = "paper_cnn"
-    epochs: int = Field(500, gt=0)
-    lr: float = Field(2e-4, gt=0.0)
-    beta1: float = Field(0.5, ge=0.0, lt=1.0)
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    pseudo_label_fraction: float = Field(0.25, gt=0.0, le=0.5)
-    batch_size: int = Field(64, gt=0, description="mini-batch size of the head's training")
-    width: int = Field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
+    epochs: int = _field(500, gt=0)
+    lr: float = _field(2e-4, gt=0.0)
+    beta1: float = _field(0.5, ge=0.0, lt=1.0)
+    beta2: float = _field(0.999, ge=0.0, lt=1.0)
+    pseudo_label_fraction: float = _field(0.25, gt=0.0, le=0.5)
+    batch_size: int = _field(64, gt=0, description="mini-batch size of the head's training")
+    width: int = _field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
 
 
-class VAEGradientConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class VAEGradientConfig:
     """VAE gradient detector (Kwon et al.): a VAE on known images, per-sample gradients of its
     reconstruction loss as features, and a head that scores them (the paper's noise classifier or ours)."""
 
-    feature: Literal["gradient", "reconstruction", "latent"] = Field(
+    feature: Literal["gradient", "reconstruction", "latent"] = _field(
         "gradient", description="gradient = the method; reconstruction (error vector) and latent (KL per "
         "dimension) are the paper's activation baselines under the same head")
-    site: Literal["first_decoder", "last_decoder"] = Field(
+    site: Literal["first_decoder", "last_decoder"] = _field(
         "first_decoder", description="gradient site: first decoder layer for novel classes, last for novel conditions")
-    latent_dim: int = Field(16, gt=0, le=1024)
-    width: int = Field(16, gt=0, le=1024, description="channels of the VAE's first conv layer (doubled in the second)")
-    decoder_hidden: int = Field(128, gt=0, le=4096, description="units of the first decoder layer (the gradient "
-                                "site); chosen on MNIST one-class validation (held-out training images): mean AUROC "
-                                "rose with it, 0.902 / 0.913 / 0.921 / 0.941 at 16 / 32 / 64 / 128")
-    vae_epochs: int = Field(100, gt=0, le=10_000)
-    vae_lr: float = Field(1e-3, gt=0.0)
-    batch_size: int = Field(64, gt=0)
-    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="known images kept out of the VAE, used to "
-                                    "fit the head on features of images the VAE has not memorised")
-    head: Literal["noise_classifier", "mahalanobis"] = Field(
+    latent_dim: int = _field(16, gt=0, le=1024)
+    width: int = _field(16, gt=0, le=1024, description="channels of the VAE's first conv layer (doubled in the second)")
+    decoder_hidden: int = _field(128, gt=0, le=4096, description="units of the first decoder layer (the gradient "
+                                 "site); chosen on MNIST one-class validation (held-out training images): mean AUROC "
+                                 "rose with it, 0.902 / 0.913 / 0.921 / 0.941 at 16 / 32 / 64 / 128")
+    vae_epochs: int = _field(100, gt=0, le=10_000)
+    vae_lr: float = _field(1e-3, gt=0.0)
+    batch_size: int = _field(64, gt=0)
+    holdout_fraction: float = _field(0.2, ge=0.0, lt=1.0, description="known images kept out of the VAE, used to "
+                                     "fit the head on features of images the VAE has not memorised")
+    head: Literal["noise_classifier", "mahalanobis"] = _field(
         "mahalanobis", description="noise_classifier = the paper's 2-layer classifier, known vs noise-distorted known "
         "images; mahalanobis = squared Mahalanobis distance to the held-out known features (Ledoit-Wolf)")
-    noise_std: float = Field(0.3, gt=0.0, le=2.0, description="std of the Gaussian noise that makes stand-in outliers")
-    classifier_hidden: int = Field(128, gt=0, le=4096)
-    classifier_epochs: int = Field(50, gt=0, le=10_000)
-    classifier_lr: float = Field(1e-3, gt=0.0)
+    noise_std: float = _field(0.3, gt=0.0, le=2.0, description="std of the Gaussian noise that makes stand-in outliers")
+    classifier_hidden: int = _field(128, gt=0, le=4096)
+    classifier_epochs: int = _field(50, gt=0, le=10_000)
+    classifier_lr: float = _field(1e-3, gt=0.0)
 
 
-class DROCCConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class DROCCConfig:
     """DROCC / DROCC-LF (Goyal et al.): one-class classifier trained against adversarially searched
     negatives in the annulus radius <= ||x~ - x|| <= gamma * radius (DROCC-LF: feature-weighted norm)."""
 
-    radius: float = Field(8.0, gt=0.0, description="annulus inner radius r, in standardised input units")
-    gamma: float = Field(2.0, ge=1.0, description="annulus outer radius = gamma * radius")
-    mu: float = Field(1.0, ge=0.0, description="weight of the adversarial negatives' loss")
-    ce_epochs: int = Field(0, ge=0, description="initial epochs of cross-entropy only, before any adversarial search")
-    epochs: int = Field(40, gt=0, le=10_000, description="all epochs, the cross-entropy-only ones included")
-    ascent_steps: int = Field(50, gt=0, le=1000)
-    ascent_step_size: float = Field(1e-3, gt=0.0)
-    projection_interval: int = Field(10, gt=0, description="project onto the annulus every this many ascent steps")
-    lr: float = Field(1e-3, gt=0.0)
-    batch_size: int = Field(256, gt=0)
-    width: int = Field(32, gt=0, le=1024, description="channels of the LeNet's first conv layer / MLP hidden units")
-    lf_negatives: int = Field(64, ge=0, description="drocc_lf on images: noise-distorted known images used as the "
-                              "few labelled negatives that shape the feature weights")
-    noise_std: float = Field(0.3, gt=0.0, le=2.0, description="std of the noise making drocc_lf's stand-in negatives")
+    radius: float = _field(8.0, gt=0.0, description="annulus inner radius r, in standardised input units")
+    gamma: float = _field(2.0, ge=1.0, description="annulus outer radius = gamma * radius")
+    mu: float = _field(1.0, ge=0.0, description="weight of the adversarial negatives' loss")
+    ce_epochs: int = _field(0, ge=0, description="initial epochs of cross-entropy only, before any adversarial search")
+    epochs: int = _field(40, gt=0, le=10_000, description="all epochs, the cross-entropy-only ones included")
+    ascent_steps: int = _field(50, gt=0, le=1000)
+    ascent_step_size: float = _field(1e-3, gt=0.0)
+    projection_interval: int = _field(10, gt=0, description="project onto the annulus every this many ascent steps")
+    lr: float = _field(1e-3, gt=0.0)
+    batch_size: int = _field(256, gt=0)
+    width: int = _field(32, gt=0, le=1024, description="channels of the LeNet's first conv layer / MLP hidden units")
+    lf_negatives: int = _field(64, ge=0, description="drocc_lf on images: noise-distorted known images used as the "
+                               "few labelled negatives that shape the feature weights")
+    noise_std: float = _field(0.3, gt=0.0, le=2.0, description="std of the noise making drocc_lf's stand-in negatives")
 
-    @model_validator(mode="after")
-    def _ce_epochs_leave_room(self) -> "DROCCConfig":
+    def __attrs_post_init__(self) -> None:
         if self.ce_epochs >= self.epochs:
-            raise ValueError(f"ce_epochs ({self.ce_epochs}) must be below epochs ({self.epochs}), or no adversarial "
-                             f"epoch runs")
-        return self
+            raise _Refusal(f"ce_epochs ({self.ce_epochs}) must be below epochs ({self.epochs}), or no adversarial "
+                           f"epoch runs")
 
 
-class DetectorConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class DetectorConfig:
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
     name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn",
                   "vae_gradient", "drocc", "drocc_lf"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
-    projection_dim: int = Field(4096, gt=0, description="random projection size for deep gradient sites")
+    projection_dim: int = _field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
-    ridge: float = Field(1e-3, ge=0.0)
-    knn_k: int = Field(50, gt=0)
-    chunk_size: int = Field(1024, gt=0, description="samples per gradient computation (bounds peak memory)")
-    target_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
-    binary: BinaryHeadConfig = BinaryHeadConfig()
-    ssl_mode: Literal["paper", "memory_pu"] = Field(
+    ridge: float = _field(1e-3, ge=0.0)
+    knn_k: int = _field(50, gt=0)
+    chunk_size: int = _field(1024, gt=0, description="samples per gradient computation (bounds peak memory)")
+    target_fpr: float = _field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
+    binary: BinaryHeadConfig = _field(factory=BinaryHeadConfig)
+    ssl_mode: Literal["paper", "memory_pu"] = _field(
         "memory_pu", description="grad_mahalanobis_ssl: 'paper' = Algorithm 1 as published; 'memory_pu' = rehearsal "
         "memory as known IDD vs the unlabeled stream (positive-unlabeled)")
-    pool_size: int = Field(20_000, gt=0, description="stream samples kept for self-supervision (the most recent)")
-    pu_rounds: int = Field(3, ge=1, le=20, description="memory_pu: training rounds (1 = memory vs the whole stream)")
-    pu_folds: int = Field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")
-    pu_ranking: Literal["head", "head_and_gradient"] = Field(
+    pool_size: int = _field(20_000, gt=0, description="stream samples kept for self-supervision (the most recent)")
+    pu_rounds: int = _field(3, ge=1, le=20, description="memory_pu: training rounds (1 = memory vs the whole stream)")
+    pu_folds: int = _field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")
+    pu_ranking: Literal["head", "head_and_gradient"] = _field(
         "head", description="memory_pu: how stream samples are ranked as OOD candidates between rounds")
-    pu_head: BinaryHeadConfig = Field(
-        BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
+    pu_head: BinaryHeadConfig = _field(
+        factory=lambda: BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
         description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")
-    vae: VAEGradientConfig = VAEGradientConfig()
-    drocc: DROCCConfig = DROCCConfig()
+    vae: VAEGradientConfig = _field(factory=VAEGradientConfig)
+    drocc: DROCCConfig = _field(factory=DROCCConfig)
 
 
-class MemoryConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class MemoryConfig:
     """Rehearsal memory of known-IDD samples under a hard budget."""
 
-    budget: int = Field(500, gt=0)
+    budget: int = _field(500, gt=0)
     policy: Literal["reservoir", "class_balanced"] = "class_balanced"
 
 
-class StreamConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class StreamConfig:
     """The unlabeled adaptation stream: novel samples plus known ones not in the memory."""
 
-    novel_samples: int = Field(2500, gt=0)
-    known_samples: int | None = Field(None, ge=0, description="default: the memory budget")
-    batch_size: int = Field(200, gt=0)
+    novel_samples: int = _field(2500, gt=0)
+    known_samples: int | None = _field(None, ge=0, description="default: the memory budget")
+    batch_size: int = _field(200, gt=0)
 
 
-class DeployConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class DeployConfig:
     """How the frozen parts run on a target (a device profile): backbone engine, precision, batch, scoring kernel."""
 
     backbone: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    batch_size: int = Field(32, gt=0, le=4096, description="largest batch the runner and the TensorRT engine take")
-    kernel: Literal["numpy", "cuda_fused"] = Field("numpy", description="where the novelty score is computed")
-    opset: int = Field(17, ge=17, le=23, description="ONNX opset of the exported classifier graph")
-    calibration_images: int = Field(512, gt=0, description="int8: held-back known images fed to the entropy calibrator")
-    workspace_mib: int = Field(1024, gt=0, description="TensorRT builder workspace")
+    batch_size: int = _field(32, gt=0, le=4096, description="largest batch the runner and the TensorRT engine take")
+    kernel: Literal["numpy", "cuda_fused"] = _field("numpy", description="where the novelty score is computed")
+    opset: int = _field(17, ge=17, le=23, description="ONNX opset of the exported classifier graph")
+    calibration_images: int = _field(512, gt=0, description="int8: held-back known images fed to the entropy calibrator")
+    workspace_mib: int = _field(1024, gt=0, description="TensorRT builder workspace")
 
-    @model_validator(mode="after")
-    def _precision_needs_tensorrt(self) -> "DeployConfig":
+    def __attrs_post_init__(self) -> None:
         if self.precision != "fp32" and self.backbone != "tensorrt":
-            raise ValueError(f"precision {self.precision!r} needs backbone 'tensorrt' (onnxruntime runs fp32)")
+            raise _Refusal(f"precision {self.precision!r} needs backbone 'tensorrt' (onnxruntime runs fp32)")
         if self.precision == "int8" and self.calibration_images < self.batch_size:
-            raise ValueError(f"int8 calibration needs at least one full batch: calibration_images "
-                             f"{self.calibration_images} < batch_size {self.batch_size}")
-        return self
+            raise _Refusal(f"int8 calibration needs at least one full batch: calibration_images "
+                           f"{self.calibration_images} < batch_size {self.batch_size}")
 
 
-class SessionConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class SessionConfig:
     """A deployed session's adaptation policy and the largest batch it accepts."""
 
-    adapt_every: int = Field(200, gt=0, description="unlabeled stream samples observed between adaptation rounds")
-    max_batch: int = Field(1024, gt=0, description="largest batch observe() and predict() accept")
+    adapt_every: int = _field(200, gt=0, description="unlabeled stream samples observed between adaptation rounds")
+    max_batch: int = _field(1024, gt=0, description="largest batch observe() and predict() accept")
 
 
-class RunConfig(_Section):
+@attrs.frozen(kw_only=True, field_transformer=_checked)
+class RunConfig:
     """A whole experiment: data, model, training, detection, memory and stream."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = _field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    detector: DetectorConfig = DetectorConfig()
-    memory: MemoryConfig = MemoryConfig()
-    stream: StreamConfig = StreamConfig()
+    data: DataConfig = _field(factory=DataConfig)
+    model: ModelConfig = _field(factory=ModelConfig)
+    train: TrainConfig = _field(factory=TrainConfig)
+    detector: DetectorConfig = _field(factory=DetectorConfig)
+    memory: MemoryConfig = _field(factory=MemoryConfig)
+    stream: StreamConfig = _field(factory=StreamConfig)
     ood_sets: tuple[OODSetConfig, ...] = ()
-    deploy: DeployConfig = DeployConfig()
-    session: SessionConfig = SessionConfig()
+    deploy: DeployConfig = _field(factory=DeployConfig)
+    session: SessionConfig = _field(factory=SessionConfig)
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
@@ -269,7 +353,7 @@ def parse_config(text: str, origin: str = "<string>") -> RunConfig:
     """Validate YAML text; an empty document gives the defaults."""
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer too long for Python to read
         raise ConfigError(f"{origin}: invalid YAML: {exc}") from exc
     if raw is None:
         raw = {}
@@ -280,15 +364,33 @@ def parse_config(text: str, origin: str = "<string>") -> RunConfig:
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     """Validate an already-parsed mapping (also used for overrides from the command line)."""
+    return section_from_dict(RunConfig, raw, origin)
+
+
+def section_from_dict(cls: type[SectionT], raw: Any, origin: str = "<dict>") -> SectionT:
+    """Section `cls` from plain data (parsed YAML or JSON); any refusal is a ConfigError starting with `origin`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: must be a mapping of {cls.__name__} keys, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        return _build(cls, raw, ())
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def evolve_config(section: SectionT, **changes: Any) -> SectionT:
+    """`section` with `changes` applied and validated like YAML; a refused change is a ConfigError naming its key."""
+    current = {field.name: getattr(section, field.name) for field in attrs.fields(type(section))}
+    return _build(type(section), {**current, **changes}, ())
+
+
+def config_to_dict(section: Any) -> dict[str, Any]:
+    """`section` as plain data (nested sections as dicts, tuples as lists) for JSON, YAML and `section_from_dict`."""
+    return {field.name: _plain(getattr(section, field.name)) for field in attrs.fields(type(section))}
 
 
 def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Return `config` with dotted-key overrides applied, e.g. {'train.epochs': 3}, re-validated."""
-    raw = config.model_dump(mode="python")
+    raw = config_to_dict(config)
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -300,31 +402,70 @@ def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return config_from_dict(raw, origin="overrides")
 
 
-def _describe(err: dict[str, Any]) -> str:
-    """One validation error as 'key.path: what is wrong (allowed ...)'."""
-    loc = [str(part) for part in err["loc"]]
-    key = ".".join(loc) or "<top level>"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
-    if kind == "literal_error":
-        return f"{key}: {err['msg'].replace('Input should be', 'must be one of')} (got {err['input']!r})"
-    message = err["msg"].removeprefix("Value error, ")
-    if kind == "value_error" or "input" not in err:
-        return f"{key}: {message}"
-    return f"{key}: {message} (got {err['input']!r})"
+def _build(cls: type[SectionT], raw: dict[Any, Any], path: tuple[str, ...]) -> SectionT:
+    """Section `cls` at key `path` from a mapping: unknown and missing keys refused here, values by its validators."""
+    fields = attrs.fields(cls)
+    names = [field.name for field in fields]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        raise ConfigError(f"unknown key {_dotted(path, unknown[0])!r}; allowed keys here: {', '.join(sorted(names))}")
+    missing = [field.name for field in fields if field.default is attrs.NOTHING and field.name not in raw]
+    if missing:
+        raise ConfigError(f"{_dotted(path, missing[0])}: required, but missing")
+    hints = _hints(cls)
+    values = {name: _structure(hints[name], raw[name], (*path, name)) for name in names if name in raw}
+    try:
+        return cls(**values)
+    except _Refusal as refusal:
+        located = _dotted(path, refusal.key)
+        raise ConfigError(f"{located}: {refusal.problem}" if located else refusal.problem) from None
 
 
-def _allowed_keys(loc: list[str]) -> list[str]:
-    """Field names of the section at `loc`, for the 'unknown key' message."""
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        if part.isdigit():
-            continue
-        annotation = model.model_fields[part].annotation
-        inner = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not inner:
-            break
-        model = inner[0]
-    return sorted(model.model_fields)
+def _structure(hint: Any, value: Any, path: tuple[str, ...]) -> Any:
+    """Shape plain `value` for a field annotated `hint`: mappings into sections, lists into tuples, numbers into
+    the field's kind. What still does not fit is left as it is, for the field's validator to refuse."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return None if value is None else _structure(_not_none(args), value, path)
+    if attrs.has(hint) and isinstance(value, dict):
+        return _build(hint, value, path)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_structure(args[0], item, (*path, str(index))) for index, item in enumerate(value))
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and (_is_int(value) or isinstance(value, str)):
+        return _to_float(value)
+    return value
+
+
+def _to_float(value: int | str) -> float | int | str:
+    """An int or a numeric string as a float. YAML reads 1e-3 (no dot) as a string, so such a string is a number
+    here; an int too large for a float or a non-numeric string stays as it is, for the validator to refuse."""
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return value
+
+
+def _plain(value: Any) -> Any:
+    """One field's value as plain data, for `config_to_dict`."""
+    if attrs.has(type(value)):
+        return config_to_dict(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (bool subclasses int, but true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _not_none(args: tuple[Any, ...]) -> Any:
+    """The one member of `X | None` that is not None."""
+    return next(arg for arg in args if arg is not type(None))
+
+
+def _dotted(path: tuple[str, ...], key: Any = None) -> str:
+    """The key path as written in messages, e.g. 'ood_sets.0.limit'."""
+    return ".".join([*path, str(key)] if key is not None else path)

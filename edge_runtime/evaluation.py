@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from calibration.threshold import threshold_at_fpr
 
-from edge_runtime.config import RunConfig
+from edge_runtime.config import RunConfig, evolve_config
 from edge_runtime.continual.learner import RoundReport
 from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
@@ -111,7 +111,7 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
     if split.novel_class is not None:
         metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
     for mode in SSL_MODES:
-        ssl_cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"ssl_mode": mode})})
+        ssl_cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode=mode))
         for target in targets:
             detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)
             known_obs = embed(classifier, known_test_set(split), device, keep_images=detector.keep_images)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.config import RunConfig, config_from_dict, load_config
+from edge_runtime.config import RunConfig, config_from_dict, config_to_dict, load_config
 from edge_runtime.continual.learner import NovelClassLearner, RoundReport, needs_pixels
 from edge_runtime.continual.memory import Footprint, RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
@@ -192,7 +192,7 @@ class Session:
     def _state(self) -> dict[str, Any]:
         pending = [{key: value for key, value in (("images", b.images), ("features", b.features), ("logits", b.logits))
                     if value is not None} for b in self._pending]
-        return {"config": self.config.model_dump(mode="json"), "known_classes": list(self.learner.known_classes),
+        return {"config": config_to_dict(self.config), "known_classes": list(self.learner.known_classes),
                 "classifier": dict(self.classifier.state_dict()), "memory": self.memory.state_dict(),
                 "learner": self.learner.state_dict(), "observed": self.observed, "rounds": self.rounds,
                 "pending": pending}
@@ -257,5 +257,5 @@ def _check_rebuildable(classifier: FrozenClassifier, config: RunConfig) -> None:
     mismatched = [key for key in expected.keys() | actual.keys()
                   if key not in expected or key not in actual or expected[key].shape != actual[key].shape]
     if mismatched:
-        raise ConfigError(f"the classifier is not what model config {config.model.model_dump()} builds "
+        raise ConfigError(f"the classifier is not what model config {config_to_dict(config.model)} builds "
                           f"(differs at {sorted(mismatched)[:3]}), so a saved session could not rebuild it")

@@ -247,7 +247,7 @@ def test_device_profiles_validate_and_choose_their_backends():
     assert profiles["jetson-orin"].batch_size < profiles["rtx-desktop"].batch_size
     with pytest.raises(ConfigError, match="only a 'deploy' section"):
         export_cli.load_device_profile(str(REPO / "configs" / "digits.yaml"))
-    with pytest.raises(ValueError, match="needs backbone 'tensorrt'"):
+    with pytest.raises(ConfigError, match="needs backbone 'tensorrt'"):
         DeployConfig(precision="int8")
 
 

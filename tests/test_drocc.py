@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ONE_CLASS_DIGIT
-from edge_runtime.config import DROCCConfig, config_from_dict
+from edge_runtime.config import DROCCConfig, config_from_dict, evolve_config
 from edge_runtime.detectors.base import Observations
 from edge_runtime.detectors.drocc import (DROCCDetector, adversarial_negatives, input_gradient_weights, learning_rate,
                                           mlp, project_annulus, project_weighted_annulus)
@@ -149,7 +149,7 @@ def test_state_dict_round_trip_and_misuse(fitted, one_class_digits):
 
 
 def test_drocc_lf_detector_trains_on_digits_with_stand_in_negatives(one_class_digits):
-    detector = DROCCDetector((1, 8, 8), DIGITS_CONFIG.model_copy(update={"epochs": 6, "lf_negatives": 16}), "drocc_lf")
+    detector = DROCCDetector((1, 8, 8), evolve_config(DIGITS_CONFIG, epochs=6, lf_negatives=16), "drocc_lf")
     detector.fit(observations_of(one_class_digits[0]))
     scores = detector.score(observations_of(one_class_digits[1])).numpy()
     assert np.isfinite(scores).all() and scores.std() > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from classifier_fixture import known_digits
-from edge_runtime.config import ModelConfig
+from edge_runtime.config import ModelConfig, evolve_config
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.errors import StateError
 from edge_runtime.models.persistence import load_classifier, save_classifier
@@ -35,7 +35,32 @@ def test_round_trip_gives_identical_outputs(saved):
 
 def test_other_architecture_is_refused(saved):
     with pytest.raises(StateError, match="model config"):
-        load_classifier(saved[0], CFG.model_copy(update={"width": 16}))
+        load_classifier(saved[0], evolve_config(CFG, width=16))
+
+
+def _with_model_metadata(saved_path, path, model_json: str):
+    """A copy of the saved classifier whose stored model config is `model_json`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(saved_path, "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    save_file(tensors, path, metadata={**metadata, "model": model_json})
+    return path
+
+
+def test_file_written_by_the_pydantic_era_still_loads(saved, tmp_path):
+    # what pydantic's model_dump_json wrote: compact separators, every field
+    old = _with_model_metadata(saved[0], tmp_path / "old.safetensors", '{"arch":"small_cnn","input_size":8,'
+                               '"in_channels":1,"width":8,"factory":null,"final_layer":"fc"}')
+    assert load_classifier(old, CFG)[1] == saved[2].classes
+
+
+def test_unreadable_model_config_is_refused(saved, tmp_path):
+    broken = _with_model_metadata(saved[0], tmp_path / "broken.safetensors", '{"arch": "small_cnn", "width": "wide"}')
+    with pytest.raises(StateError, match="broken.safetensors.*model config.*width"):
+        load_classifier(broken, CFG)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from classifier_fixture import known_digits
 
-from edge_runtime.config import ModelConfig, TrainConfig
+from edge_runtime.config import ModelConfig, TrainConfig, evolve_config
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
@@ -26,7 +26,7 @@ from edge_runtime.training.trainer import (compute_mean_std, evaluate_accuracy, 
 
 CPU = torch.device("cpu")
 RECIPE = TrainConfig(epochs=6, batch_size=64, lr=0.1, label_smoothing=0.1, flip=False, translate=1)
-SHORT = RECIPE.model_copy(update={"epochs": 4, "batch_size": 128})
+SHORT = evolve_config(RECIPE, epochs=4, batch_size=128)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -117,7 +117,7 @@ def test_accuracy_needs_labels_the_model_knows(train_set, test_set):
 
 def test_translate_larger_than_the_image_is_a_config_error(train_set):
     with pytest.raises(ConfigError, match="train.translate"):
-        train_classifier(_fresh_model(train_set), train_set, SHORT.model_copy(update={"translate": 8}), CPU,
+        train_classifier(_fresh_model(train_set), train_set, evolve_config(SHORT, translate=8), CPU,
                          seed=0, progress=False)
 
 
@@ -140,7 +140,7 @@ def _interrupt_at_batch(monkeypatch, batch_number: int) -> None:
 ])
 def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(train_set, tmp_path, monkeypatch,
                                                              stop_after_batches, saved_at, ema_decay):
-    cfg = SHORT.model_copy(update={"ema_decay": ema_decay})  # 1132 images // 128 = 8 batches per epoch
+    cfg = evolve_config(SHORT, ema_decay=ema_decay)  # 1132 images // 128 = 8 batches per epoch
     reference = _fresh_model(train_set)
     full = train_classifier(reference, train_set, cfg, CPU, seed=3, progress=False)
 
@@ -162,7 +162,7 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(train_set, tmp_path
 def test_ema_weights_are_returned_and_raw_weights_checkpointed(train_set, test_set, tmp_path):
     model = _fresh_model(train_set)
     path = tmp_path / "ema.ckpt"
-    train_classifier(model, train_set, SHORT.model_copy(update={"ema_decay": 0.95}), CPU, seed=0,
+    train_classifier(model, train_set, evolve_config(SHORT, ema_decay=0.95), CPU, seed=0,
                      checkpoint=path, progress=False)
     saved = load_checkpoint(path)
     returned = model.state_dict()
@@ -174,7 +174,7 @@ def test_ema_weights_are_returned_and_raw_weights_checkpointed(train_set, test_s
 def test_checkpoint_round_trip(train_set, tmp_path):
     model = _fresh_model(train_set)
     path = tmp_path / "one.ckpt"
-    train_classifier(model, train_set, SHORT.model_copy(update={"epochs": 1}), CPU, seed=0, checkpoint=path, progress=False)
+    train_classifier(model, train_set, evolve_config(SHORT, epochs=1), CPU, seed=0, checkpoint=path, progress=False)
     saved = load_checkpoint(path)
     assert (saved.epoch, saved.step, saved.order, saved.ema) == (1, 0, None, None)
     assert saved.config["train.epochs"] == 1 and saved.config["seed"] == 0
@@ -189,7 +189,7 @@ def test_checkpoint_round_trip(train_set, tmp_path):
 @pytest.fixture()
 def good_checkpoint(train_set, tmp_path) -> Path:
     path = tmp_path / "good.ckpt"
-    train_classifier(_fresh_model(train_set), train_set, SHORT.model_copy(update={"epochs": 1}), CPU, seed=0,
+    train_classifier(_fresh_model(train_set), train_set, evolve_config(SHORT, epochs=1), CPU, seed=0,
                      checkpoint=path, progress=False)
     return path
 
@@ -233,7 +233,7 @@ def test_failed_save_keeps_the_previous_checkpoint(good_checkpoint, monkeypatch)
 
 
 def test_resume_refuses_a_checkpoint_from_another_recipe(good_checkpoint, train_set):
-    other = SHORT.model_copy(update={"epochs": 1, "lr": 0.2})
+    other = evolve_config(SHORT, epochs=1, lr=0.2)
     with pytest.raises(StateError, match=r"train.lr 0.1 -> 0.2"):
         train_classifier(_fresh_model(train_set), train_set, other, CPU, seed=0, checkpoint=good_checkpoint,
                          resume=True, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ONE_CLASS_DIGIT
-from edge_runtime.config import DetectorConfig, VAEGradientConfig
+from edge_runtime.config import DetectorConfig, VAEGradientConfig, evolve_config
 from edge_runtime.data.corruptions import corrupt
 from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.pixel_registry import build_pixel_detector
@@ -67,7 +67,7 @@ def test_feature_shapes_per_kind(fitted, one_class_digits):
     images = one_class_digits[1][:5]
     assert fitted.features(images).shape == (5, 32 * (8 + 1))  # first decoder layer: weight + bias
     for feature, width in (("reconstruction", 64), ("latent", 8)):
-        detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"feature": feature}))
+        detector = VAEGradientDetector((1, 8, 8), evolve_config(QUICK, feature=feature))
         detector.vae = fitted.vae
         assert detector.features(images).shape == (5, width)
 
@@ -81,7 +81,7 @@ def test_mahalanobis_head_detects_other_digits(fitted, one_class_digits):
 
 def test_last_decoder_site_detects_a_novel_condition(fitted, one_class_digits):
     """Novel condition: the same digit class, hazed; the last decoder layer's gradients see it."""
-    detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"site": "last_decoder"}))
+    detector = VAEGradientDetector((1, 8, 8), evolve_config(QUICK, site="last_decoder"))
     detector.vae = fitted.vae
     detector.fit_head(one_class_digits[0])
     clean = one_class_digits[1][one_class_digits[2] == NORMAL_DIGIT]
@@ -93,7 +93,7 @@ def test_last_decoder_site_detects_a_novel_condition(fitted, one_class_digits):
 def test_noise_classifier_head_learns_its_stand_in_outliers(fitted, one_class_digits):
     """The paper's head: noise-distorted known images must score above clean ones."""
     train = one_class_digits[0]
-    detector = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"head": "noise_classifier"}))
+    detector = VAEGradientDetector((1, 8, 8), evolve_config(QUICK, head="noise_classifier"))
     detector.vae = fitted.vae
     detector.fit_head(train)
     clean = one_class_digits[1][one_class_digits[2] == NORMAL_DIGIT]
@@ -108,7 +108,7 @@ def test_state_dict_round_trip_gives_identical_scores(fitted, one_class_digits):
     copy.load_state_dict(fitted.state_dict())
     batch = observations_of(one_class_digits[1][:20])
     assert torch.allclose(copy.score(batch), fitted.score(batch))
-    other_head = VAEGradientDetector((1, 8, 8), QUICK.model_copy(update={"head": "noise_classifier"}))
+    other_head = VAEGradientDetector((1, 8, 8), evolve_config(QUICK, head="noise_classifier"))
     with pytest.raises(StateError, match="head"):
         other_head.load_state_dict(fitted.state_dict())
 

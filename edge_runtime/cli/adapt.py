@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.config import config_to_dict
 from edge_runtime.continual.learner import RoundReport
 from edge_runtime.detectors.base import PROTOCOLS
 from edge_runtime.device import resolve_device
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if rounds:
         metrics[metric_key("separation_auroc", f"budget{cfg.memory.budget}", tag, split.novel_class)] = \
             rounds[-1].separation_auroc
-    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+    write_result(out, config_to_dict(cfg), metrics, device)
     print(format_table([[protocol, accuracy[protocol]] for protocol in PROTOCOLS],
                        ["protocol", f"single-head accuracy ({len(session.classes)} classes)"]))
     print(f"adapted in {seconds:.1f} s over {session.rounds} rounds; state {state_bytes} bytes in {out / STATE_FILE}")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from edge_runtime.atomic import write_text_atomic
 from edge_runtime.cli.common import add_run_arguments, config_from_args
-from edge_runtime.config import RunConfig, with_overrides
+from edge_runtime.config import RunConfig, config_to_dict, with_overrides
 from edge_runtime.continual.learner import needs_pixels
 from edge_runtime.data.catalog import CATALOG, CIFAR10_CLASSES
 from edge_runtime.detectors.base import PROTOCOLS
@@ -89,7 +89,7 @@ def run_budget(args: argparse.Namespace) -> int:
     metrics: dict[str, float] = {}
     for name in tqdm(classes, desc="novel classes", unit="class", disable=not args.progress):
         metrics |= measure_novel_class(cfg, name, args.budgets, classifier_root, device, args.progress)
-    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+    write_result(out, config_to_dict(cfg), metrics, device)
     tag = next(key for key in metrics if key.startswith("idd_acc/")).split("/")[1]
     report = budget_markdown(metrics, cfg, tag, classes, args.budgets)
     write_text_atomic(out / "budget.md", report)

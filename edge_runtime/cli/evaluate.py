@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_runtime.cli.common import add_run_arguments, config_from_args
-from edge_runtime.config import RunConfig
+from edge_runtime.config import RunConfig, config_to_dict
 from edge_runtime.device import resolve_device
 from edge_runtime.evaluation import auroc_tables, evaluate_detectors, ood_targets, router_table
 from edge_runtime.experiment import dataset_tag, known_test_set, obtain_classifier, output_dir, prepare_data
@@ -38,7 +38,7 @@ def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, 
     metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)}
     targets = ood_targets(split, data.ood_sets, cfg.seed)
     metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress)
-    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+    write_result(out, config_to_dict(cfg), metrics, device)
 
     print(f"\nknown classes {', '.join(split.known_classes)}; novel class {split.novel_class}; device {device}")
     print(f"frozen classifier test accuracy on the known classes: {metrics[f'idd_acc/{tag}']:.4f}\n")

@@ -22,7 +22,7 @@ import torch
 from calibration.int8 import CalibrationBatches, cache_path_for, entropy_calibrator
 from calibration.threshold import threshold_at_fpr
 from edge_runtime.cli.common import add_output_arguments, config_from_args
-from edge_runtime.config import DeployConfig, RunConfig, load_config
+from edge_runtime.config import DeployConfig, RunConfig, config_to_dict, evolve_config, load_config
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit
 from edge_runtime.data.transforms import to_tensor
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_device_profile(path: str) -> DeployConfig:
     """The deploy section of a profile file; any other section would be silently ignored, so it is refused."""
     profile = load_config(path)
-    if profile.model_dump(exclude={"deploy"}) != RunConfig().model_dump(exclude={"deploy"}):
+    if evolve_config(profile, deploy=DeployConfig()) != RunConfig():
         raise ConfigError(f"{path}: a device profile holds only a 'deploy' section")
     return profile.deploy
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--set and --classifier go with --config; a session exports its own classifier and config")
     cfg = session.config if session is not None else config_from_args(args)
     if args.profile:
-        cfg = cfg.model_copy(update={"deploy": load_device_profile(args.profile)})
+        cfg = evolve_config(cfg, deploy=load_device_profile(args.profile))
     if args.parity_images < 1:
         raise ConfigError(f"--parity-images must be positive, got {args.parity_images}")
     out = output_dir(args.out)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         metrics[metric_key("deploy_decision_agreement", "per_sample", path, tag)] = agreement
         rows.append([backbone, precision, kernel, len(sample), agreement])
     engine_ran = len(runners) > 1  # a TensorRT engine ran on this machine's GPU
-    config = {**cfg.model_dump(mode="json"), "exported_from": args.session or "config", "decision": bundle.decision}
+    config = {**config_to_dict(cfg), "exported_from": args.session or "config", "decision": bundle.decision}
     write_result(out, config, metrics, torch.device("cuda") if engine_ran else CPU)
     print(f"ONNX vs torch on {parity.images} calibration images: max |diff| features {parity.max_abs_features:.2e}, "
           f"logits {parity.max_abs_logits:.2e}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.config import config_to_dict
 from edge_runtime.device import resolve_device
 from edge_runtime.experiment import (CLASSIFIER_FILE, dataset_tag, known_test_set, output_dir, prepare_data,
                                      train_frozen_classifier)
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     accuracy = evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)
     tag = dataset_tag(cfg, split)
     metrics = {f"idd_acc/{tag}": accuracy, f"train_seconds/{tag}": report.seconds}
-    write_result(out, cfg.model_dump(mode="json"), metrics, device)
+    write_result(out, config_to_dict(cfg), metrics, device)
     print(format_table([[tag, accuracy, report.epochs_run, report.seconds]],
                        ["known classes", "test accuracy", "epochs run", "seconds"]))
     print(f"classifier saved to {out / CLASSIFIER_FILE}")

@@ -14,8 +14,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from edge_runtime.atomic import write_bytes_atomic
-from edge_runtime.config import ModelConfig
-from edge_runtime.errors import StateError
+from edge_runtime.config import ModelConfig, config_to_dict, section_from_dict
+from edge_runtime.errors import ConfigError, StateError
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.registry import build_classifier
 
@@ -27,7 +27,7 @@ def save_classifier(path: str | os.PathLike, classifier: FrozenClassifier, model
                     classes: tuple[str, ...]) -> None:
     """Write weights and the config that rebuilds them, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "model": model_cfg.model_dump_json(),
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "model": json.dumps(config_to_dict(model_cfg)),
                 "classes": json.dumps(list(classes))}
     write_bytes_atomic(path, save_tensors(state, metadata=metadata))
 
@@ -48,9 +48,10 @@ def load_classifier(path: str | os.PathLike, model_cfg: ModelConfig) -> tuple[Fr
         raise StateError(f"{path} is not an edge_runtime classifier (format {metadata.get('format')!r})")
     if metadata.get("version") != FORMAT_VERSION:
         raise StateError(f"{path} has classifier format version {metadata.get('version')!r}; this runtime reads {FORMAT_VERSION}")
-    saved_cfg = ModelConfig.model_validate_json(metadata["model"])
+    saved_cfg = _saved_model_config(path, metadata)
     if saved_cfg != model_cfg:
-        raise StateError(f"{path} was trained with model config {saved_cfg.model_dump()}, but the run config says {model_cfg.model_dump()}")
+        raise StateError(f"{path} was trained with model config {config_to_dict(saved_cfg)}, "
+                         f"but the run config says {config_to_dict(model_cfg)}")
     classes = tuple(json.loads(metadata["classes"]))
     # Normalize's statistics are buffers, so the placeholders below are overwritten by the saved ones.
     classifier = build_classifier(model_cfg, len(classes), (0.0,) * model_cfg.in_channels, (1.0,) * model_cfg.in_channels)
@@ -59,6 +60,14 @@ def load_classifier(path: str | os.PathLike, model_cfg: ModelConfig) -> tuple[Fr
     except RuntimeError as exc:
         raise StateError(f"{path}: weights do not fit the configured model: {exc}") from exc
     return classifier.eval(), classes
+
+
+def _saved_model_config(path: str | os.PathLike, metadata: dict[str, str]) -> ModelConfig:
+    """The model config stored beside the weights: a JSON object of field -> value, as every version wrote it."""
+    try:
+        return section_from_dict(ModelConfig, json.loads(metadata["model"]), origin=f"{path} model config")
+    except (KeyError, json.JSONDecodeError, ConfigError) as exc:
+        raise StateError(f"{path} holds no readable model config ({exc})") from exc
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

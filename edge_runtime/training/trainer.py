@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import TrainConfig, config_to_dict
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.errors import ConfigError, DataError, StateError
@@ -102,7 +102,7 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
     generator = torch.Generator(device=device).manual_seed(seed)
     average = _WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     position = _Position()
-    config_dump = {f"train.{key}": value for key, value in cfg.model_dump(mode="python").items()}
+    config_dump = {f"train.{key}": value for key, value in config_to_dict(cfg).items()}
     config_dump |= {"seed": seed, "samples": len(train)}
     if resume:
         position = _restore(checkpoint, config_dump, model, optimizer, scheduler, generator, average, device)
