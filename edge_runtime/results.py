@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -36,7 +37,12 @@ def device_description(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's HEAD commit, or 'unknown' outside a repository."""
+    """The checkout's HEAD commit, or 'unknown' outside a repository.
+
+    EDGE_RUNTIME_COMMIT names it where the checkout travels without .git (a leased GPU machine).
+    """
+    if os.environ.get("EDGE_RUNTIME_COMMIT"):
+        return os.environ["EDGE_RUNTIME_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)

@@ -20,6 +20,13 @@ def test_written_result_follows_the_contract(tmp_path, check_results):
     check_results(path)
 
 
+def test_commit_named_by_the_environment_where_git_is_absent(tmp_path, monkeypatch):
+    """A leased GPU machine receives the checkout without .git; the launcher names the commit instead."""
+    monkeypatch.setenv("EDGE_RUNTIME_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    doc = json.loads(write_result(tmp_path, {}, {"auroc/x/y": 0.5}, "cpu").read_text())
+    assert doc["git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+
+
 def test_bad_metric_names_and_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Bad Name"):
         write_result(tmp_path, {}, {"Bad Name": 1.0}, "cpu")

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU checks the issues owe, as one prepared command for a short lease on a GPU machine.
+#
+#   benchmarks/gpu_session.sh STEP [STEP ...]
+#
+# Steps run in the order given, each under its own time limit; a failed or timed-out step is
+# logged and the next one still runs. Two files land in $OUT (default ./gpu-out): log.txt and
+# results.tar.gz (result folders named as under benchmarks/results/, to unpack there and commit);
+# the result folders themselves are written outside $OUT, since a lease returns only a few files.
+#
+#   env                  GPU, driver and package versions
+#   kernel-tests         the kernel test files on the device (Triton compiled, CUDA C run)
+#   kernels              benchmarks/kernels.py (issue 5)
+#   train                CIFAR-10 fast net on 9 classes (issue 2/3; classifier reused below)
+#   evaluate             detection table on CIFAR-10 vs held-out class, MNIST, Tiny ImageNet (issue 3)
+#   budget:C1,C2         Table 4 for these novel classes, budgets 500 and 1000 (issue 4)
+#   drocc:I1,I2          DROCC / DROCC-LF one-class CIFAR-10, paper recipe, these class indices (issue 6)
+#
+# The machine gets the checkout without .git and without ../shared: copy the data sets into the
+# git-ignored .data/ first and carry it, and name the commit the results belong to:
+#   mkdir -p .data && cp ../shared/data/*.tar.gz .data/
+#   run(command="EDGE_RUNTIME_COMMIT=<sha> benchmarks/gpu_session.sh env kernel-tests kernels",
+#       carry=[".data"], timeout_s=600)
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+RESULTS="$(mktemp -d)/results"
+LOG="$OUT/log.txt"
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export EDGE_RUNTIME_DATA="${EDGE_RUNTIME_DATA:-$PWD/.data}"
+PYTHON="${PYTHON:-python3}"
+CIFAR_CONFIG=configs/cifar10-fastnet.yaml
+CLASSIFIER="$RESULTS/cifar10_fastnet_train/classifier.safetensors"
+
+# step_limit STEP: seconds the step may take before it is stopped.
+step_limit() {
+  case "$1" in
+    env) echo 60 ;; kernel-tests) echo 240 ;; kernels) echo 240 ;; train) echo 420 ;;
+    evaluate) echo 480 ;; budget:*) echo 1200 ;; drocc:*) echo 1200 ;; *) echo 0 ;;
+  esac
+}
+
+edge_runtime() { "$PYTHON" -m edge_runtime.cli.main "$@" --no-progress; }
+
+classifier_args() { [ -f "$CLASSIFIER" ] && echo "--classifier $CLASSIFIER"; }
+
+run_step() {
+  case "$1" in
+    env) nvidia-smi -L; "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda',
+torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)"; nvcc --version | tail -1 ;;
+    kernel-tests) "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_reference_kernels.py \
+        tests/test_kernels_triton.py tests/test_kernels_cuda.py tests/test_dispatch.py ;;
+    kernels) "$PYTHON" benchmarks/kernels.py --out "$RESULTS/kernels-h200" ;;
+    train) edge_runtime train --config "$CIFAR_CONFIG" --out "$RESULTS/cifar10_fastnet_train" ;;
+    evaluate) edge_runtime evaluate --config "$CIFAR_CONFIG" $(classifier_args) \
+        --out "$RESULTS/cifar10_fastnet_evaluate" ;;
+    budget:*) local classes="${1#budget:}"
+      edge_runtime bench budget --config "$CIFAR_CONFIG" --budgets 500,1000 --novel "$classes" \
+        --out "$RESULTS/cifar10_budget_${classes//,/_}" ;;
+    drocc:*) local classes="${1#drocc:}"
+      "$PYTHON" benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --methods drocc,drocc_lf \
+        --classes "$classes" --no-progress --out "$RESULTS/one_class_cifar10_drocc_${classes//,/_}" ;;
+  esac
+}
+
+for step in "$@"; do
+  limit=$(step_limit "$step")
+  if [ "$limit" = 0 ]; then echo "unknown step '$step' (see the header of $0)" | tee -a "$LOG"; continue; fi
+  echo "=== $step (limit ${limit}s) $(date -u +%FT%TZ)" | tee -a "$LOG"
+  start=$SECONDS
+  # A subshell under `timeout`, so one step's hang or crash cannot stop the others.
+  export -f run_step edge_runtime classifier_args
+  export PYTHON CIFAR_CONFIG CLASSIFIER RESULTS
+  timeout --kill-after=10 "$limit" bash -ec "run_step '$step'" 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+  echo "=== $step: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
+done
+tar -czf "$OUT/results.tar.gz" -C "$RESULTS" --exclude='*.pt' --exclude='*.safetensors' . && echo "wrote $OUT/results.tar.gz" | tee -a "$LOG"
