@@ -1,6 +1,7 @@
 """One-class per-class AUROC of the pixel detectors, the published numbers beside ours.
 
     python benchmarks/one_class.py --dataset mnist --out benchmarks/results/one_class_mnist
+    python benchmarks/one_class.py --dataset mnist --folds 5 --out benchmarks/results/one_class_mnist_5fold
     python benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --out DIR
 
 For each class a fresh detector is fitted on that class's training images and scores the whole
@@ -42,7 +43,8 @@ from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.vae_gradient import VAEGradientDetector
 from edge_runtime.device import resolve_device
 from edge_runtime.one_class import (PAPER_MEAN_AUROC, OneClassData, evaluation_auroc, first_per_class,
-                                    load_one_class_data, normal_class_images, observations_of)
+                                    load_one_class_data, load_one_class_folds, normal_class_images,
+                                    observations_of)
 from edge_runtime.results import format_table, metric_key, write_result
 
 VAE_METHODS: dict[str, dict[str, str]] = {
@@ -71,26 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     overrides = {**PROFILES[args.profile], **dict(_assignment(item) for item in args.set)}
     detector_config = with_overrides(config_from_dict({}), overrides).detector
-    data = load_one_class_data(args.dataset, progress=not args.no_progress, validation=args.validation)
-    if args.limit_eval is not None:
-        data = OneClassData(data.train, first_per_class(data.evaluation, args.limit_eval), data.split_note)
-    classes = args.classes if args.classes is not None else list(range(len(data.train.classes)))
+    folds = _folds(args)
+    first = folds[0]
+    classes = args.classes if args.classes is not None else list(range(len(first.train.classes)))
     methods = args.methods
-    image_shape = _image_shape(data)
+    image_shape = _image_shape(first)
     metrics: dict[str, float] = {}
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     for label in tqdm(classes, desc=f"{args.dataset} classes", disable=args.no_progress):
-        for method, auroc, elapsed in _run_class(methods, detector_config, image_shape, data, label, args.limit_train,
-                                                 device, args.seed, not args.no_progress):
-            metrics[metric_key("auroc", "one_class", method, args.dataset, data.train.classes[label])] = auroc
-            seconds[method] += elapsed
-            print(f"{args.dataset} class {data.train.classes[label]} {method}: AUROC {auroc:.4f} ({elapsed:.0f} s)",
-                  flush=True)
+        name = first.train.classes[label]
+        per_fold: dict[str, list[float]] = {m: [] for m in methods}
+        for data in folds:
+            for method, auroc, elapsed in _run_class(methods, detector_config, image_shape, data, label,
+                                                     args.limit_train, device, args.seed, not args.no_progress):
+                per_fold[method].append(auroc)
+                seconds[method] += elapsed
+                print(f"{args.dataset} class {name} {method}: AUROC {auroc:.4f} ({elapsed:.0f} s)", flush=True)
+        for method, values in per_fold.items():
+            metrics[metric_key("auroc", "one_class", method, args.dataset, name)] = float(np.mean(values))
     for method in methods:
-        values = [metrics[metric_key("auroc", "one_class", method, args.dataset, data.train.classes[c])] for c in classes]
+        values = [metrics[metric_key("auroc", "one_class", method, args.dataset, first.train.classes[c])] for c in classes]
         metrics[metric_key("auroc", "one_class", method, args.dataset, "mean")] = float(np.mean(values))
-    print(one_class_table(metrics, args.dataset, [data.train.classes[c] for c in classes], methods))
-    config = {"dataset": args.dataset, "split": data.split_note, "classes": [data.train.classes[c] for c in classes],
+    print(one_class_table(metrics, args.dataset, [first.train.classes[c] for c in classes], methods))
+    config = {"dataset": args.dataset, "split": first.split_note, "folds": len(folds),
+              "classes": [first.train.classes[c] for c in classes],
               "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
               "methods": list(methods), "profile": args.profile, "validation": args.validation,
               "seed": args.seed, "detector": config_to_dict(detector_config),
@@ -99,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]))
     print(f"wrote {path}")
     return 0
+
+
+def _folds(args: argparse.Namespace) -> list[OneClassData]:
+    """The (train, evaluation) pairs to run: one split, or the folds of `--folds`; `--limit-eval` applied to each."""
+    progress = not args.no_progress
+    if args.folds is not None:
+        folds = load_one_class_folds(args.dataset, args.folds, progress=progress)
+    else:
+        folds = [load_one_class_data(args.dataset, progress=progress, validation=args.validation)]
+    if args.limit_eval is None:
+        return folds
+    return [OneClassData(d.train, first_per_class(d.evaluation, args.limit_eval), d.split_note) for d in folds]
 
 
 def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tuple[int, int, int],
@@ -159,6 +177,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, default=None, help="first N training images per class")
     parser.add_argument("--limit-eval", type=int, default=None, help="first N evaluation images per class (quick runs)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--folds", type=int, default=None, metavar="K",
+                        help="MNIST: K-fold cross-validation over its one split instead of halves (AUROC averaged)")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on a held-out part of the training images (to choose hyper-parameters)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -167,6 +187,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.folds is not None and (args.validation or args.dataset != "mnist"):
+        parser.error("--folds is for MNIST's one split and does not go with --validation")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")

@@ -12,7 +12,9 @@ import pytest
 
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.data.loader import load_split
-from edge_runtime.one_class import first_per_class, load_one_class_data, stratified_halves
+from edge_runtime.errors import DataError
+from edge_runtime.one_class import (first_per_class, load_one_class_data, load_one_class_folds, stratified_folds,
+                                    stratified_halves)
 from edge_runtime.synthetic import SINE_DISPLACEMENTS, SPHERE_RADII
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,28 @@ def test_stratified_halves_are_disjoint_balanced_and_seeded(mnist_test):
     assert not rows(train) & rows(evaluation)
     again, _ = stratified_halves(mnist_test, 0.5, seed=0)
     assert np.array_equal(again.images, train.images)
+
+
+def test_stratified_folds_evaluate_every_image_once_never_by_a_model_trained_on_it(mnist_test):
+    folds = stratified_folds(mnist_test, 5, seed=0)
+    rows = lambda data: [row.tobytes() for row in data.images.reshape(len(data), -1)]  # noqa: E731
+    evaluated = [row for _, evaluation in folds for row in rows(evaluation)]
+    assert sorted(evaluated) == sorted(rows(mnist_test))
+    for train, evaluation in folds:
+        assert len(train) + len(evaluation) == len(mnist_test)
+        assert not set(rows(train)) & set(rows(evaluation))
+        for label in range(10):
+            total = int((mnist_test.labels == label).sum())
+            assert int((evaluation.labels == label).sum()) in (total // 5, total // 5 + 1)
+    with pytest.raises(DataError, match="2..20"):
+        stratified_folds(mnist_test, 1, seed=0)
+
+
+def test_folds_are_only_for_the_data_set_without_a_training_split():
+    folds = load_one_class_folds("mnist", 4, progress=False)
+    assert len(folds) == 4 and "4-fold" in folds[0].split_note
+    with pytest.raises(DataError, match="own training split"):
+        load_one_class_folds("fashion_mnist", 4, progress=False)
 
 
 def test_mnist_one_class_data_states_the_split_it_uses():
@@ -74,6 +98,20 @@ def test_benchmark_script_end_to_end_on_tiny_mnist(tmp_path, check_results):
     assert doc["config"]["detector"]["vae"]["vae_epochs"] == 2 and doc["config"]["limit_eval_per_class"] == 15
     assert "test split only" in doc["config"]["split"]
     check_results(out)
+
+
+def test_benchmark_script_averages_auroc_over_folds(tmp_path, check_results):
+    bench = _load_script("one_class")
+    out = tmp_path / "folds"
+    assert bench.main(["--dataset", "mnist", "--folds", "2", "--out", str(out), "--classes", "3", "--limit-train", "30",
+                       "--limit-eval", "10", "--methods", "vae_gradient_mahalanobis", "--set", "vae.vae_epochs=2",
+                       "--no-progress"]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["config"]["folds"] == 2 and "2-fold cross-validation" in doc["config"]["split"]
+    assert set(doc["metrics"]) == {f"auroc/one_class/vae_gradient_mahalanobis/mnist/{c}" for c in ("3", "mean")}
+    check_results(out)
+    with pytest.raises(SystemExit):
+        bench.main(["--dataset", "mnist", "--folds", "2", "--validation", "--out", str(out)])
 
 
 def test_table_puts_published_numbers_beside_ours():
