@@ -13,7 +13,7 @@
 #   kernels              benchmarks/kernels.py (issue 5)
 #   train                CIFAR-10 fast net on 9 classes (issue 2/3; classifier reused below)
 #   evaluate             detection table on CIFAR-10 vs held-out class, MNIST, Tiny ImageNet (issue 3)
-#   budget:C1,C2         Table 4 for these novel classes, budgets 500 and 1000 (issue 4)
+#   budget:C1,C2         Table 4 for these novel classes, budgets $BUDGETS (default 500,1000; issue 4)
 #   drocc:I1,I2          DROCC / DROCC-LF one-class CIFAR-10, paper recipe, these class indices (issue 6)
 #
 # The machine gets the checkout without .git and without ../shared: copy the data sets into the
@@ -30,7 +30,8 @@ mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EDGE_RUNTIME_DATA="${EDGE_RUNTIME_DATA:-$PWD/.data}"
 PYTHON="${PYTHON:-python3}"
-CIFAR_CONFIG=configs/cifar10-fastnet.yaml
+CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10-fastnet.yaml}"  # another config only to try the steps on a CPU
+BUDGETS="${BUDGETS:-500,1000}"
 CLASSIFIER="$RESULTS/cifar10_fastnet_train/classifier.safetensors"
 
 # step_limit STEP: seconds the step may take before it is stopped.
@@ -56,7 +57,7 @@ torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)
     evaluate) edge_runtime evaluate --config "$CIFAR_CONFIG" $(classifier_args) \
         --out "$RESULTS/cifar10_fastnet_evaluate" ;;
     budget:*) local classes="${1#budget:}"
-      edge_runtime bench budget --config "$CIFAR_CONFIG" --budgets 500,1000 --novel "$classes" \
+      edge_runtime bench budget --config "$CIFAR_CONFIG" --budgets "$BUDGETS" --novel "$classes" \
         --out "$RESULTS/cifar10_budget_${classes//,/_}" ;;
     drocc:*) local classes="${1#drocc:}"
       "$PYTHON" benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --methods drocc,drocc_lf \
@@ -71,7 +72,7 @@ for step in "$@"; do
   start=$SECONDS
   # A subshell under `timeout`, so one step's hang or crash cannot stop the others.
   export -f run_step edge_runtime classifier_args
-  export PYTHON CIFAR_CONFIG CLASSIFIER RESULTS
+  export PYTHON CIFAR_CONFIG BUDGETS CLASSIFIER RESULTS
   timeout --kill-after=10 "$limit" bash -ec "run_step '$step'" 2>&1 | tee -a "$LOG"
   status=${PIPESTATUS[0]}
   echo "=== $step: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
