@@ -1,0 +1,26 @@
+"""benchmarks/gpu_session.sh: the leased-GPU command keeps going past a bad step and always packs $OUT."""
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+
+
+def test_unknown_step_is_reported_and_the_results_archive_still_written(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(SCRIPT), "no-such-step"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "unknown step 'no-such-step'" in (tmp_path / "log.txt").read_text()
+    with tarfile.open(tmp_path / "results.tar.gz") as archive:
+        assert archive.getnames() == ["."]
+
+
+def test_a_failing_step_does_not_stop_the_next(tmp_path):
+    # PYTHON=false makes the step's command fail at once; the step after it must still run.
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": "false"}
+    subprocess.run(["bash", str(SCRIPT), "drocc:0", "next-step"], capture_output=True, text=True, env=env, timeout=60)
+    log = (tmp_path / "log.txt").read_text()
+    assert "=== drocc:0: exit 1" in log
+    assert "unknown step 'next-step'" in log
