@@ -254,9 +254,14 @@ def test_pixel_detector_serves_as_novelty_head_and_reloads_its_trained_weights(d
     assert ood_metrics(prediction.scores[~nines], prediction.scores[nines])["auroc"] > 0.55
     session.save(tmp_path / "pixel.state")
     restored = Session.load(tmp_path / "pixel.state")
-    assert np.array_equal(restored.predict(probe.images[:300]).scores, prediction.scores[:300])
-    head_state = restored.learner.heads[-1].state_dict()["detector"]
-    assert head_state is not None and set(head_state) >= ({"vae", "head"} if name == "vae_gradient" else {"weights"})
+    # Equal up to float rounding: a batch of 300 sums the fold models' convolutions in another order.
+    np.testing.assert_allclose(restored.predict(probe.images[:300]).scores, prediction.scores[:300], rtol=1e-5, atol=1e-6)
+    # The threshold is read from held-out memory scores at target_fpr 0.05; on the known test digits the
+    # scoring models must raise false alarms at a comparable rate (a refit DROCC raised 0.2%: it flagged nothing).
+    assert 0.01 <= prediction.novel[~nines].mean() <= 0.15
+    saved = restored.learner.heads[-1].state_dict()["detectors"]
+    assert len(saved) == (1 if name == "vae_gradient" else 5)  # drocc: the fold models score (their scale is per run)
+    assert set(saved[0]) >= ({"vae", "head"} if name == "vae_gradient" else {"weights"})
 
 
 @pytest.mark.parametrize("name, extra", [("grad_mahalanobis_ssl", {}),

@@ -210,19 +210,26 @@ class AdaptiveHead(NoveltyHead):
 class StaticHead(NoveltyHead):
     """A detector fitted once on the memory, thresholded on cross-fitted memory scores.
 
-    Feature detectors are a cheap function of the memory, so a saved state keeps only their
-    threshold and scores and a load refits them; pixel detectors train networks, so their weights
-    are saved too and a load restores them. It cannot tell learned novel classes apart, so it
-    serves one novel class.
+    Usually one refit on all of the memory then scores. Detectors whose score scale changes from
+    one training run to the next (`refit_keeps_score_scale` False: DROCC) would not match the
+    threshold after a refit, so their fold models themselves score, by their mean; a mean spreads
+    less than one model's held-out scores, so false alarms land at or below `target_fpr`. Feature
+    detectors are a cheap function of the memory, so a saved state keeps only the threshold and
+    scores and a load refits them; pixel detectors train networks, so their weights are saved.
+    It cannot tell learned novel classes apart, so it serves one novel class.
     """
 
     adaptive = False
 
     def __init__(self, classifier: FrozenClassifier, config: DetectorConfig, seed: int,
                  image_shape: tuple[int, int, int] | None = None, progress: bool = False) -> None:
+        device = next(classifier.parameters()).device
         try:
-            self.detector: Detector = build_static_detector(config.name, classifier, config, seed, image_shape, progress,
-                                                            next(classifier.parameters()).device)
+            first = build_static_detector(config.name, classifier, config, seed, image_shape, progress, device)
+            self.ensemble = not first.refit_keeps_score_scale
+            self.detectors: list[Detector] = [first] + [
+                build_static_detector(config.name, classifier, config, seed + fold, image_shape, progress, device)
+                for fold in range(1, THRESHOLD_FOLDS if self.ensemble else 1)]
         except ValueError as exc:
             raise ConfigError(f"detector.name: {exc}") from None
         self.config = config
@@ -238,9 +245,11 @@ class StaticHead(NoveltyHead):
         scores = torch.zeros(len(memory))
         for fold in range(THRESHOLD_FOLDS):
             train, held = torch.nonzero(folds != fold).flatten(), torch.nonzero(folds == fold).flatten()
-            self.detector.fit(memory.select(train), labels[train])
-            scores[held] = self.detector.score(memory.select(held)).float().cpu()
-        self.detector.fit(memory, labels)
+            detector = self.detectors[fold if self.ensemble else 0]
+            detector.fit(memory.select(train), labels[train])
+            scores[held] = detector.score(memory.select(held)).float().cpu()
+        if not self.ensemble:
+            self.detectors[0].fit(memory, labels)
         self.memory_scores = scores
         try:
             self._threshold = threshold_at_fpr(scores, self.config.target_fpr)
@@ -252,7 +261,7 @@ class StaticHead(NoveltyHead):
         self.stream_scores = scores[-self.config.pool_size:]
 
     def score(self, batch: Observations, protocol: str = "per_sample") -> torch.Tensor:
-        return self.detector.score_protocol(batch, protocol).float()
+        return torch.stack([d.score_protocol(batch, protocol).float() for d in self.detectors]).mean(dim=0)
 
     @property
     def threshold(self) -> float | None:
@@ -273,15 +282,20 @@ class StaticHead(NoveltyHead):
         return RoundReport(round_index, len(self.stream_scores), novel_share, separation, float("nan"))
 
     def state_dict(self) -> dict[str, Any]:
-        trained = self.detector.state_dict() if self.config.name in PIXEL_DETECTORS and self.ready else None
+        trained = [d.state_dict() for d in self.detectors] if self.config.name in PIXEL_DETECTORS and self.ready else None
         return {"threshold": self._threshold, "memory_scores": self.memory_scores, "stream_scores": self.stream_scores,
-                "detector": trained}
+                "detectors": trained}
 
     def load_state_dict(self, state: dict[str, Any], memory: Observations, labels: torch.Tensor) -> None:
-        if state.get("detector") is not None:
-            self.detector.load_state_dict(state["detector"])
+        if self.config.name not in PIXEL_DETECTORS:
+            self.detectors[0].fit(memory, classifier_labels(memory, labels, self.num_known))
         else:
-            self.detector.fit(memory, classifier_labels(memory, labels, self.num_known))
+            trained = state.get("detectors")
+            if not isinstance(trained, list) or len(trained) != len(self.detectors):
+                raise StateError(f"saved {self.config.name} head holds no {len(self.detectors)} trained model(s) "
+                                 f"(a state from before fold models were kept): adapt again")
+            for detector, weights in zip(self.detectors, trained):
+                detector.load_state_dict(weights)
         self._threshold = state["threshold"]
         self.memory_scores = state["memory_scores"]
         self.stream_scores = state["stream_scores"]

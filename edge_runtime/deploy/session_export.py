@@ -41,7 +41,7 @@ def export_session_bundle(session: Session, out_dir: str | os.PathLike, opset: i
         decision = {"heads": [feature_head_weights(binary) for binary in head.detector.pu_heads]}
     elif isinstance(head, StaticHead) and detector_config.name == "grad_mahalanobis" \
             and detector_config.site == "last_linear":
-        decision = {"gaussian": head.detector.gaussian}
+        decision = {"gaussian": head.detectors[0].gaussian}
     else:
         raise ConfigError(f"detector {detector_config.name!r} (ssl_mode {detector_config.ssl_mode!r}, site "
                           f"{detector_config.site!r}) cannot be exported: the runner decides with memory_pu feature "

@@ -45,6 +45,10 @@ class Detector(ABC):
     """
 
     name: str = "detector"
+    # Whether a refit on more of the same data scores on the scale of the first fit. False for
+    # networks whose output scale is set by each training run (DROCC's logits): a threshold read
+    # from cross-fitted models then only holds for those models (continual.learner.StaticHead).
+    refit_keeps_score_scale: bool = True
 
     def __init__(self, classifier: FrozenClassifier) -> None:
         self.classifier = classifier
