@@ -8,14 +8,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# Without a GPU, Triton kernels run only in its interpreter, and the flag must be set before any test
-# module imports them (kernels/__init__ does), so it is set here, first.
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run only in its interpreter, and the flag must be set before any test
+# module imports them (kernels/__init__ does), so it is set here, first. Asked of CUDA itself: a
+# sandboxed GPU machine need not show /dev/nvidia0.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.catalog import SHARED_DATA
