@@ -47,14 +47,20 @@ def _relative_error(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     return (scores.double() - reference).abs() / reference.abs()
 
 
+# On a GPU machine the same checks run the compiled kernels that `auto` picks there (CI has no GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device, where auto picks a kernel"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(PRECISION_VARIANTS))
-def test_auto_on_cpu_is_closed_form_within_the_stated_error(digits_case, variant):
-    features, logits, means, precision = digits_case
+def test_auto_choice_is_within_the_stated_error(digits_case, variant, device):
+    features, logits, means, precision = (t.to(device) for t in digits_case)
     probs = logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
     scores, name = score_last_layer(features, probs, labels, prepare_last_layer_stats(means, precision, variant))
     reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
-    assert name == "closed_form"
+    assert name == ("closed_form" if device == "cpu" else pick_score_implementation(device, variant))
     assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
 
 
@@ -132,12 +138,13 @@ def test_stats_hold_the_fit_in_kernel_order(digits_case):
     assert moved.variant == "bf16x3" and moved.precision_scale == stats.precision_scale
 
 
-def test_per_sample_weight_gradients_on_cpu_match_torch_func():
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_weight_gradients_match_torch_func(device):
     """A conv + sequence-linear net on real digits images (rows of each image as a sequence for the linear)."""
     torch.manual_seed(0)
     test = load_digits_split("test")
-    images, labels = to_tensor(test.images[:6]), torch.from_numpy(test.labels[:6])
-    conv, linear = nn.Conv2d(1, 4, 3, padding=1, dilation=1), nn.Linear(4 * 8, 10)
+    images, labels = to_tensor(test.images[:6], device), torch.from_numpy(test.labels[:6]).to(device)
+    conv, linear = nn.Conv2d(1, 4, 3, padding=1, dilation=1).to(device), nn.Linear(4 * 8, 10).to(device)
 
     def forward(p, x):
         hidden = functional_call(conv, {"weight": p["conv"], "bias": conv.bias}, (x,)).relu()
@@ -156,7 +163,7 @@ def test_per_sample_weight_gradients_on_cpu_match_torch_func():
                                               (conv_out, seq_out))
     conv_weights, name = per_sample_weight_gradients(conv, images, conv_grad)
     linear_weights, _ = per_sample_weight_gradients(linear, rows.detach(), seq_grad)
-    assert name == "torch"
+    assert name == ("torch" if device == "cpu" else pick_gradient_implementation(device))
     torch.testing.assert_close(conv_weights, expected["conv"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(linear_weights, expected["linear"], rtol=1e-5, atol=1e-6)
 
