@@ -3,8 +3,10 @@
 #
 #   benchmarks/gpu_session.sh STEP [STEP ...]
 #
-# Steps run in the order given, each under its own time limit; a failed or timed-out step is
-# logged and the next one still runs. Two files land in $OUT (default ./gpu-out): log.txt and
+# Steps run in the order given, each under its own time limit and all within $DEADLINE_S seconds
+# (default 570, inside a lease's 600-second command limit, so the archive is always written); a
+# failed or timed-out step is logged and the next one still runs. A step writes its results only
+# when it ends, so give long work one class per step (budget:cat budget:dog, not budget:cat,dog). Two files land in $OUT (default ./gpu-out): log.txt and
 # results.tar.gz (result folders named as under benchmarks/results/, to unpack there and commit);
 # the result folders themselves are written outside $OUT, since a lease returns only a few files.
 #
@@ -33,6 +35,8 @@ PYTHON="${PYTHON:-python3}"
 CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10-fastnet.yaml}"  # another config only to try the steps on a CPU
 BUDGETS="${BUDGETS:-500,1000}"
 CLASSIFIER="$RESULTS/cifar10_fastnet_train/classifier.safetensors"
+DEADLINE_S="${DEADLINE_S:-570}"
+PACKING_S=15  # kept back for the archive
 
 # step_limit STEP: seconds the step may take before it is stopped.
 step_limit() {
@@ -68,6 +72,9 @@ torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)
 for step in "$@"; do
   limit=$(step_limit "$step")
   if [ "$limit" = 0 ]; then echo "unknown step '$step' (see the header of $0)" | tee -a "$LOG"; continue; fi
+  left=$((DEADLINE_S - PACKING_S - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "=== $step: skipped, ${left}s left before the deadline" | tee -a "$LOG"; continue; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $step (limit ${limit}s) $(date -u +%FT%TZ)" | tee -a "$LOG"
   start=$SECONDS
   # A subshell under `timeout`, so one step's hang or crash cannot stop the others.

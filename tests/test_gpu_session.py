@@ -24,3 +24,10 @@ def test_a_failing_step_does_not_stop_the_next(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "=== drocc:0: exit 1" in log
     assert "unknown step 'next-step'" in log
+
+
+def test_steps_past_the_deadline_are_skipped_and_the_archive_still_written(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": "false", "DEADLINE_S": "40"}
+    subprocess.run(["bash", str(SCRIPT), "kernels"], capture_output=True, text=True, env=env, timeout=60)
+    assert "=== kernels: skipped" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "results.tar.gz").is_file()
