@@ -15,7 +15,8 @@
 #   kernels              benchmarks/kernels.py (issue 5)
 #   train                CIFAR-10 fast net on 9 classes (issue 2/3; classifier reused below)
 #   evaluate             detection table on CIFAR-10 vs held-out class, MNIST, Tiny ImageNet (issue 3)
-#   budget:C1,C2         Table 4 for these novel classes, budgets $BUDGETS (default 500,1000; issue 4)
+#   budget:C1,C2         Table 4 for these novel classes, budgets $BUDGETS (default 500,1000; issue 4), added to
+#                        the table committed in benchmarks/results/cifar10_budget by earlier leases
 #   drocc:I1,I2          DROCC / DROCC-LF one-class CIFAR-10, paper recipe, these class indices (issue 6)
 #
 # The machine gets the checkout without .git and without ../shared: copy the data sets into the
@@ -60,9 +61,11 @@ torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)
     train) edge_runtime train --config "$CIFAR_CONFIG" --out "$RESULTS/cifar10_fastnet_train" ;;
     evaluate) edge_runtime evaluate --config "$CIFAR_CONFIG" $(classifier_args) \
         --out "$RESULTS/cifar10_fastnet_evaluate" ;;
-    budget:*) local classes="${1#budget:}"
-      edge_runtime bench budget --config "$CIFAR_CONFIG" --budgets "$BUDGETS" --novel "$classes" \
-        --out "$RESULTS/cifar10_budget_${classes//,/_}" ;;
+    budget:*) # One table over leases: start from the committed one, add these classes (--resume).
+      local table="$RESULTS/cifar10_budget"
+      [ -d "$table" ] || { mkdir -p "$table"; cp benchmarks/results/cifar10_budget/result.json "$table/" 2>/dev/null || true; }
+      edge_runtime bench budget --config "$CIFAR_CONFIG" --budgets "$BUDGETS" --novel "${1#budget:}" --resume \
+        --out "$table" ;;
     drocc:*) local classes="${1#drocc:}"
       "$PYTHON" benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --methods drocc,drocc_lf \
         --classes "$classes" --no-progress --out "$RESULTS/one_class_cifar10_drocc_${classes//,/_}" ;;

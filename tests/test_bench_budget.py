@@ -93,3 +93,23 @@ def test_cifar10_tables_carry_the_papers_row_beside_ours():
     paper_mean = (PAPER_TABLE4[500][0] + PAPER_TABLE4[500][3]) / 2
     assert f"| 500 (paper, Table 4) | 90.58    | 91.70 | {paper_mean:.2f} |" in report
     assert "| 500 (ours)           | 90.00    | 90.00 | 90.00 |" in report
+
+
+def test_resume_keeps_measured_classes_and_refuses_another_config(bench, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    earlier = json.loads((bench / "result.json").read_text())
+    # As if stopped after class 3; a marked timing shows whether class 3 was measured again.
+    kept = {k: 123.0 if k.startswith("adapt_seconds") else v for k, v in earlier["metrics"].items() if k.endswith("/3")}
+    (out / "result.json").write_text(json.dumps({**earlier, "metrics": kept}))
+    args = ["bench", "budget", "--config", CONFIG, "--budgets", ",".join(map(str, BUDGETS)),
+            "--novel", ",".join(NOVEL), "--out", str(out), "--classifier-dir", str(bench / "classifiers"), *QUICK]
+    assert main([*args, "--resume"]) == 0
+    resumed = _metrics(out)
+    assert {k: resumed[k] for k in kept} == kept  # class 3 was not measured again
+    key = "single_head_acc/per_sample/budget30/digits-9/9"
+    assert resumed[key] == _metrics(bench)[key]  # class 9 was, with the same saved classifier
+    assert "| 3     | 9     |" in (out / "budget.md").read_text().replace("budget    ", "")
+    other = [a if a != "train.epochs=5" else "train.epochs=6" for a in args]
+    assert main([*other, "--resume"]) == 2  # another config: refused, results untouched
+    assert _metrics(out) == resumed

@@ -11,11 +11,13 @@ adaptation time, state size and memory footprint.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -72,6 +74,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rehearsal memory budgets, comma-separated (default: 500,1000)")
     parser.add_argument("--novel", default="all", metavar="all|CLASS,CLASS",
                         help="classes to hold out as the novel one, one at a time (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the classes already measured in OUT/result.json (same config and budgets) and "
+                             "measure the rest; results are written after every class")
     parser.add_argument("--classifier-dir", metavar="DIR",
                         help="per-class frozen classifiers: DIR/<class>/classifier.safetensors is reused when "
                              "present, trained and saved there otherwise (default: OUT/classifiers)")
@@ -86,16 +91,51 @@ def run_budget(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     classes = novel_classes(cfg, args.novel)
     classifier_root = Path(args.classifier_dir) if args.classifier_dir else out / "classifiers"
-    metrics: dict[str, float] = {}
-    for name in tqdm(classes, desc="novel classes", unit="class", disable=not args.progress):
+    config = {**config_to_dict(cfg), "budgets": list(args.budgets)}
+    metrics = earlier_metrics(out / "result.json", config) if args.resume else {}
+    todo = [c for c in classes if not measured(metrics, c, args.budgets)]
+    if not todo:
+        print(f"every class asked for is already in {out / 'result.json'}")
+        return 0
+    every_class = novel_classes(cfg, "all")
+    for name in tqdm(todo, desc="novel classes", unit="class", disable=not args.progress):
         metrics |= measure_novel_class(cfg, name, args.budgets, classifier_root, device, args.progress)
-    write_result(out, config_to_dict(cfg), metrics, device)
-    tag = next(key for key in metrics if key.startswith("idd_acc/")).split("/")[1]
-    report = budget_markdown(metrics, cfg, tag, classes, args.budgets)
-    write_text_atomic(out / "budget.md", report)
-    plot_budget(metrics, cfg, tag, classes, args.budgets, out / "budget.png")
+        # Written after every class, so an interrupted run keeps what it measured (see --resume).
+        report = write_budget_report(out, config, metrics, cfg,
+                                     [c for c in every_class if measured(metrics, c, args.budgets)], args.budgets, device)
     print(report)
     return 0
+
+
+def earlier_metrics(path: Path, config: dict[str, Any]) -> dict[str, float]:
+    """The metrics of an interrupted run in `path`, refused when it ran another config or other budgets."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({exc})") from None
+    if earlier.get("config") != config:
+        raise ConfigError(f"--resume: {path} holds results of another config or other budgets; use another --out")
+    return earlier["metrics"]
+
+
+def measured(metrics: dict[str, float], name: str, budgets: tuple[int, ...]) -> bool:
+    """Whether every budget of novel class `name` already has its per_sample accuracy in `metrics`."""
+    prefixes = [metric_key("single_head_acc", "per_sample", f"budget{b}") + "/" for b in budgets]
+    suffix = "/" + metric_key("single_head_acc", name).rsplit("/", 1)[1]  # the name as metric keys spell it
+    return all(any(k.startswith(p) and k.endswith(suffix) for k in metrics) for p in prefixes)
+
+
+def write_budget_report(out: Path, config: dict[str, Any], metrics: dict[str, float], cfg: RunConfig,
+                        classes: list[str], budgets: tuple[int, ...], device: torch.device) -> str:
+    """result.json, budget.md and budget.png for the classes measured so far; returns the markdown."""
+    write_result(out, config, metrics, device)
+    tag = next(key for key in metrics if key.startswith("idd_acc/")).split("/")[1]
+    report = budget_markdown(metrics, cfg, tag, tuple(classes), budgets)
+    write_text_atomic(out / "budget.md", report)
+    plot_budget(metrics, cfg, tag, tuple(classes), budgets, out / "budget.png")
+    return report
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:
