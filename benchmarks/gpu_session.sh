@@ -5,10 +5,11 @@
 #
 # Steps run in the order given, each under its own time limit and all within $DEADLINE_S seconds
 # (default 570, inside a lease's 600-second command limit, so the archive is always written); a
-# failed or timed-out step is logged and the next one still runs. A step writes its results only
-# when it ends, so give long work one class per step (budget:cat budget:dog, not budget:cat,dog). Two files land in $OUT (default ./gpu-out): log.txt and
-# results.tar.gz (result folders named as under benchmarks/results/, to unpack there and commit);
-# the result folders themselves are written outside $OUT, since a lease returns only a few files.
+# failed or timed-out step is logged and the next one still runs. `budget:` saves after every class;
+# `drocc:` only when it ends, so give it one class per step (drocc:0 drocc:1, not drocc:0,1).
+# Two files land in $OUT (default ./gpu-out): log.txt and results.tar.gz (result folders named as
+# under benchmarks/results/, to unpack there and commit); the result folders themselves are
+# written outside $OUT, since a lease returns only a few files.
 #
 #   env                  GPU, driver and package versions
 #   kernel-tests         dispatch and CUDA C tests on the device (compiled Triton and CUDA C vs float64)

@@ -97,13 +97,17 @@ def _checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
     return [field.evolve(validator=_check) for field in fields]
 
 
+# What makes a class a config section: frozen, keyword-only, every field checked by `_check`.
+_section = attrs.frozen(kw_only=True, field_transformer=_checked)
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     """The annotations of section `cls` as types (this module's annotations are strings until resolved)."""
     return get_type_hints(cls)
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class NovelConditionConfig:
     """Known classes seen under a new imaging condition (a corruption at a severity) as the novel input type."""
 
@@ -111,7 +115,7 @@ class NovelConditionConfig:
     level: int = _field(3, ge=1, le=5, description="severity, 1 (mild) .. 5 (strong)")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class DataConfig:
     """The in-distribution data set and which of its classes is held out as the novel one."""
 
@@ -132,7 +136,7 @@ class DataConfig:
                            f"allowed: {', '.join(classes)}")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class OODSetConfig:
     """A data set used only as novel inputs at evaluation time."""
 
@@ -142,7 +146,7 @@ class OODSetConfig:
     limit: int | None = _field(None, gt=0)
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class ModelConfig:
     """The frozen classifier's architecture and the input geometry it expects."""
 
@@ -160,7 +164,7 @@ class ModelConfig:
             raise _Refusal("factory is only used with arch 'custom'")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class TrainConfig:
     """Recipe for training the frozen (IDD) classifier."""
 
@@ -179,7 +183,7 @@ class TrainConfig:
     tta: bool = True
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class BinaryHeadConfig:
     """The self-supervised IDD/OOD classifier trained on pseudo-labels (paper defaults)."""
 
@@ -193,7 +197,7 @@ class BinaryHeadConfig:
     width: int = _field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class VAEGradientConfig:
     """VAE gradient detector (Kwon et al.): a VAE on known images, per-sample gradients of its
     reconstruction loss as features, and a head that scores them (the paper's noise classifier or ours)."""
@@ -222,7 +226,7 @@ class VAEGradientConfig:
     classifier_lr: float = _field(1e-3, gt=0.0)
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class DROCCConfig:
     """DROCC / DROCC-LF (Goyal et al.): one-class classifier trained against adversarially searched
     negatives in the annulus radius <= ||x~ - x|| <= gamma * radius (DROCC-LF: feature-weighted norm)."""
@@ -248,7 +252,7 @@ class DROCCConfig:
                            f"epoch runs")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class DetectorConfig:
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
@@ -277,7 +281,7 @@ class DetectorConfig:
     drocc: DROCCConfig = _field(factory=DROCCConfig)
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class MemoryConfig:
     """Rehearsal memory of known-IDD samples under a hard budget."""
 
@@ -285,7 +289,7 @@ class MemoryConfig:
     policy: Literal["reservoir", "class_balanced"] = "class_balanced"
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class StreamConfig:
     """The unlabeled adaptation stream: novel samples plus known ones not in the memory."""
 
@@ -294,7 +298,7 @@ class StreamConfig:
     batch_size: int = _field(200, gt=0)
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class DeployConfig:
     """How the frozen parts run on a target (a device profile): backbone engine, precision, batch, scoring kernel."""
 
@@ -314,7 +318,7 @@ class DeployConfig:
                            f"{self.calibration_images} < batch_size {self.batch_size}")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class SessionConfig:
     """A deployed session's adaptation policy and the largest batch it accepts."""
 
@@ -322,7 +326,7 @@ class SessionConfig:
     max_batch: int = _field(1024, gt=0, description="largest batch observe() and predict() accept")
 
 
-@attrs.frozen(kw_only=True, field_transformer=_checked)
+@_section
 class RunConfig:
     """A whole experiment: data, model, training, detection, memory and stream."""
 
