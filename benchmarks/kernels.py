@@ -7,8 +7,9 @@ closed_form; each one's largest relative score error against float64; and end to
 backbone alone vs backbone + scoring + decision. Writes result.json into --out.
 
 Counting, the same for every implementation so the columns compare: TFLOP/s credits the dense
-quadratic form's 2 K^2 flops per sample; GB/s credits the compulsory bytes of one batch (P once
-in its stored type, features, probs, labels, scores). `--smoke` runs tiny sizes on the CPU.
+quadratic form's 2 K^2 flops per sample; GB/s credits the compulsory bytes of one batch (P, or
+for whitened variants its Cholesky factor, once in its stored type; features, probs, labels,
+scores). `--smoke` runs tiny sizes on the CPU.
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-h100
 """
@@ -187,9 +188,9 @@ def seconds_per_call(call: Callable[[], object], device: torch.device, repeats: 
 
 
 def compulsory_bytes(sizes: Sizes, variant: str) -> int:
-    dtype, parts = PRECISION_VARIANTS[variant]
-    element = torch.tensor([], dtype=dtype).element_size()
-    return sizes.dim ** 2 * element * parts + sizes.batch * ((sizes.features + sizes.classes) * 4 + 8 + 4)
+    spec = PRECISION_VARIANTS[variant]
+    element = torch.tensor([], dtype=spec.dtype).element_size()
+    return sizes.dim ** 2 * element * spec.parts + sizes.batch * ((sizes.features + sizes.classes) * 4 + 8 + 4)
 
 
 def bench_scoring(sizes: Sizes, variants: list[str], device: torch.device) -> tuple[dict[str, float], list[list]]:
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for result.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what the test suite runs)")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16x3"], choices=sorted(PRECISION_VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16x3", "fp16w", "bf16w"],
+                        choices=sorted(PRECISION_VARIANTS))
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (median reported)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               "end_to_end_batch": sizes.end_to_end_batch, "repeats": sizes.repeats, "variants": args.variants,
               "smoke": args.smoke, "triton_dot_precision_fp32": "tf32x3",
               "torch_matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "torch": torch.__version__,
-              "counting": "TFLOP/s = 2*K^2 flops per sample; GB/s = P once + features, probs, labels, scores"}
+              "counting": "TFLOP/s = 2*K^2 flops per sample; "
+                          "GB/s = P (or its factor) once + features, probs, labels, scores"}
     path = write_result(args.out, config, {**metrics, **end_to_end}, device,
                         command="python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"wrote {path}")

@@ -264,6 +264,10 @@ class DetectorConfig:
     ridge: float = _field(1e-3, ge=0.0)
     knn_k: int = _field(50, gt=0)
     chunk_size: int = _field(1024, gt=0, description="samples per gradient computation (bounds peak memory)")
+    kernel: Literal["auto", "triton_fused", "cuda_fused", "closed_form"] = _field(
+        "auto", description="site last_linear: scoring implementation (kernels.dispatch; auto = the best this device runs)")
+    kernel_precision: Literal["fp32", "bf16", "fp16", "bf16x3", "fp16x3", "fp16w", "bf16w"] = _field(
+        "fp32", description="site last_linear: element type of the stored precision (kernels.reference.PRECISION_VARIANTS)")
     target_fpr: float = _field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
     binary: BinaryHeadConfig = _field(factory=BinaryHeadConfig)
     ssl_mode: Literal["paper", "memory_pu"] = _field(

@@ -1,7 +1,8 @@
 """Compute kernels of the scoring path: pure-torch references first, fused GPU kernels beside them.
 
-- kernels.reference: the float64-checkable maths, the per-fit `LastLayerStats`, the closed-form
-  torch path, and the torch per-sample weight gradients (unfold + batched outer product).
+- kernels.reference: the float64-checkable maths, the precision variants, the per-fit
+  `LastLayerStats`, the closed-form torch path, and the torch per-sample weight gradients
+  (unfold + batched outer product).
 - kernels.triton_fused / kernels.triton_per_sample: Triton kernels (imported only where Triton is).
 - kernels.cuda_build: the CUDA C kernels of kernels/cuda through torch's extension loader or pycuda.
 - kernels.dispatch: `score_last_layer` and `per_sample_weight_gradients`, which pick the best
@@ -20,6 +21,7 @@ from kernels.dispatch import (
 from kernels.reference import (
     PRECISION_VARIANTS,
     LastLayerStats,
+    PrecisionVariant,
     prepare_last_layer_stats,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "PRECISION_VARIANTS",
     "SCORE_IMPLEMENTATIONS",
     "LastLayerStats",
+    "PrecisionVariant",
     "per_sample_weight_gradients",
     "pick_gradient_implementation",
     "pick_score_implementation",

@@ -28,6 +28,7 @@ import torch
 
 from edge_runtime.errors import ConfigError, InputError
 from kernels.reference import (
+    PRECISION_VARIANTS,
     LastLayerStats,
     kernel_operands,
     score_tiles,
@@ -41,8 +42,11 @@ SCORE_TILE_K = 32  # gradient entries per tile; the tile table is built with thi
 SCORE_THREADS = 256  # threads per scoring block
 OUTER_TILE = 16  # the per-sample GEMM's output tile is OUTER_TILE x OUTER_TILE, one thread per entry
 BACKENDS = ("torch", "pycuda", "host_emulation")
-_SCORE_KERNELS = {torch.float32: "last_layer_score_f32", torch.bfloat16: "last_layer_score_bf16",
-                  torch.float16: "last_layer_score_f16"}
+# (element type of the stored matrix, whitened) -> kernel entry of last_layer_score.cuh
+_SCORE_KERNELS = {(torch.float32, False): "last_layer_score_f32", (torch.bfloat16, False): "last_layer_score_bf16",
+                  (torch.float16, False): "last_layer_score_f16",
+                  (torch.bfloat16, True): "last_layer_score_bf16_whitened",
+                  (torch.float16, True): "last_layer_score_f16_whitened"}
 
 
 class CudaKernels(Protocol):
@@ -50,8 +54,8 @@ class CudaKernels(Protocol):
 
     def last_layer_partials(self, x: torch.Tensor, coef: torch.Tensor, labels: torch.Tensor,
                             mean_weight: torch.Tensor, inv_scale: torch.Tensor, means: torch.Tensor,
-                            precision: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-        """Per-tile partial scores [T, B] (see last_layer_score.cuh)."""
+                            precision: torch.Tensor, tiles: torch.Tensor, whitened: bool) -> torch.Tensor:
+        """Per-tile partial scores [T, B] (see last_layer_score.cuh); whitened: precision is a Cholesky factor."""
 
     def batched_outer(self, grad_outputs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """out[b] = grad_outputs[b] [O, L] @ columns[b] [I, L]^T, [B, O, I] float32."""
@@ -140,19 +144,24 @@ def cuda_last_layer_scores(features: torch.Tensor, probs: torch.Tensor, labels: 
                            backend: str = "auto") -> torch.Tensor:
     """Gradient Mahalanobis scores [B] through the CUDA C kernel; float32 arithmetic throughout.
 
-    The precision is read in the stats' element type (fp32, bf16 or fp16), so the only error beyond
-    float32 is P's rounding; split variants (bf16x3, fp16x3) are for matrix units and are refused.
-    Measured through the host emulation on the digits case of kernels/triton_fused.py (largest
-    relative error vs float64, median in brackets): fp32 3e-6 (9e-8), fp16 2e-3 (3e-5), bf16 2e-2 (6e-4).
+    The stored matrix (P, or its Cholesky factor for whitened variants) is read in the stats'
+    element type and z stays float32, so the only error beyond float32 is the matrix's rounding;
+    split variants (bf16x3, fp16x3) are for matrix units and are refused. Measured through the host
+    emulation on the digits case of kernels/triton_fused.py (largest relative error vs float64,
+    median in brackets): fp32 3e-6 (9e-8), fp16w 6e-4 (2e-5), fp16 2e-3 (3e-5), bf16w 4e-3 (1e-4),
+    bf16 2e-2 (6e-4).
     """
-    if len(stats.precision_parts) != 1:
+    spec = PRECISION_VARIANTS[stats.variant]
+    if spec.parts != 1:
+        one_part = ", ".join(repr(name) for name, other in PRECISION_VARIANTS.items() if other.parts == 1)
         raise ConfigError(f"the CUDA C kernel reads P in one part; variant {stats.variant!r} is for Triton "
-                          "and torch; prepare the stats as 'fp32', 'bf16' or 'fp16'")
+                          f"and torch; prepare the stats as one of {one_part}")
     kernels = load_cuda_kernels(backend)
     operands = kernel_operands(features, probs, labels, stats)
     tiles = score_tiles(stats.num_classes, stats.feature_dim, SCORE_TILE_K).to(stats.device)
     partial = kernels.last_layer_partials(operands.x, operands.coef, labels.contiguous(), operands.mean_weight,
-                                          operands.inv_scale, stats.means, stats.precision_parts[0], tiles)
+                                          operands.inv_scale, stats.means, stats.precision_parts[0], tiles,
+                                          spec.whitened)
     return scores_from_partials(partial, operands, stats)
 
 
@@ -197,10 +206,10 @@ class _PycudaKernels:
     """CudaKernels over a pycuda module: torch allocates, pycuda launches with raw device pointers."""
 
     def __init__(self, module) -> None:
-        self._score = {dtype: module.get_function(name) for dtype, name in _SCORE_KERNELS.items()}
+        self._score = {key: module.get_function(name) for key, name in _SCORE_KERNELS.items()}
         self._outer = module.get_function("batched_outer_f32")
 
-    def last_layer_partials(self, x, coef, labels, mean_weight, inv_scale, means, precision, tiles):
+    def last_layer_partials(self, x, coef, labels, mean_weight, inv_scale, means, precision, tiles, whitened):
         import numpy as np
 
         batch, num_tiles = x.shape[0], tiles.shape[0]
@@ -209,8 +218,8 @@ class _PycudaKernels:
             tensors = (x, coef, labels, mean_weight, inv_scale, means, precision, tiles, partial)
             pointers = [np.uintp(t.data_ptr()) for t in tensors]
             sizes = [np.int32(v) for v in (batch, means.shape[1], x.stride(0), coef.stride(0), num_tiles)]
-            self._score[precision.dtype](*pointers, *sizes, block=(SCORE_THREADS, 1, 1),
-                                         grid=(-(-batch // SCORE_TILE_B), num_tiles))
+            self._score[precision.dtype, whitened](*pointers, *sizes, block=(SCORE_THREADS, 1, 1),
+                                                   grid=(-(-batch // SCORE_TILE_B), num_tiles))
         return partial
 
     def batched_outer(self, grad_outputs, columns):
@@ -253,7 +262,7 @@ class _EmulatedKernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._library = library
 
-    def last_layer_partials(self, x, coef, labels, mean_weight, inv_scale, means, precision, tiles):
+    def last_layer_partials(self, x, coef, labels, mean_weight, inv_scale, means, precision, tiles, whitened):
         tensors = (x, coef, labels, mean_weight, inv_scale, means, precision, tiles)
         if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
             raise InputError("the host emulation takes contiguous CPU tensors")
@@ -261,10 +270,11 @@ class _EmulatedKernels:
         partial = torch.empty(num_tiles, batch, dtype=torch.float32)
         status = self._library.emulate_last_layer_score(
             ctypes.c_int(precision.element_size() * 8), ctypes.c_int(precision.dtype == torch.bfloat16),
-            *(ctypes.c_void_p(t.data_ptr()) for t in (*tensors, partial)),
+            ctypes.c_int(whitened), *(ctypes.c_void_p(t.data_ptr()) for t in (*tensors, partial)),
             *(ctypes.c_int(v) for v in (batch, means.shape[1], x.stride(0), coef.stride(0), num_tiles)))
         if status != 0:
-            raise InputError(f"precision must be float32, bfloat16 or float16, got {precision.dtype}")
+            raise InputError(f"no scoring kernel for {'whitened ' if whitened else ''}{precision.dtype}; kernels: "
+                             f"{sorted(_SCORE_KERNELS.values())}")
         return partial
 
     def batched_outer(self, grad_outputs, columns):

@@ -3,7 +3,8 @@
 Scoring (`score_last_layer`), best first:
 - "triton_fused": CUDA device and Triton installed (desktop RTX, data-centre GPUs);
 - "cuda_fused":   CUDA device without Triton (Jetson): the CUDA C kernel via torch's extension
-                  loader or pycuda; it reads P in one part, so split variants fall back to closed_form;
+                  loader or pycuda; it reads P (or, whitened, its Cholesky factor) in one part, so
+                  split variants (bf16x3, fp16x3) fall back to closed_form;
 - "closed_form":  pure torch, any device (the CPU choice).
 Per-sample weight gradients of deeper layers (`per_sample_weight_gradients`): "triton", "cuda",
 "torch" in the same order. Asking for an implementation the machine cannot run is a ConfigError
@@ -20,6 +21,7 @@ from torch import nn
 
 from edge_runtime.errors import ConfigError, InputError
 from kernels.reference import (
+    PRECISION_VARIANTS,
     LastLayerStats,
     batched_outer_product,
     closed_form_scores,
@@ -55,12 +57,14 @@ def unavailable_reason(impl: str, device: torch.device | str) -> str | None:
 
 def pick_score_implementation(device: torch.device | str, variant: str = "fp32") -> str:
     """The implementation `score_last_layer(impl="auto")` uses on `device` for stats of `variant`."""
+    if variant not in PRECISION_VARIANTS:
+        raise ConfigError(f"precision variant must be one of {sorted(PRECISION_VARIANTS)}, got {variant!r}")
     device = torch.device(device)
     if device.type != "cuda":
         return "closed_form"
     if unavailable_reason("triton_fused", device) is None:
         return "triton_fused"
-    return "cuda_fused" if not variant.endswith("x3") else "closed_form"
+    return "cuda_fused" if PRECISION_VARIANTS[variant].parts == 1 else "closed_form"
 
 
 def pick_gradient_implementation(device: torch.device | str) -> str:

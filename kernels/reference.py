@@ -88,15 +88,36 @@ def _check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> None:
 
 # --- Precomputed statistics and the closed-form torch path shared by every scoring kernel -------------------------
 
-# name -> (element type of the stored precision, parts). One part is P rounded once; two parts are
-# P = hi + lo, each rounded to the element type, multiplied as hi*hi + hi*lo + lo*hi (three products,
-# about 16 significant bits for bf16) so that a low-precision matrix unit keeps most of fp32's accuracy.
-PRECISION_VARIANTS: dict[str, tuple[torch.dtype, int]] = {
-    "fp32": (torch.float32, 1),
-    "bf16": (torch.bfloat16, 1),
-    "fp16": (torch.float16, 1),
-    "bf16x3": (torch.bfloat16, 2),
-    "fp16x3": (torch.float16, 2),
+@dataclass(frozen=True)
+class PrecisionVariant:
+    """How a variant stores P and multiplies by it.
+
+    dtype:    element type of the stored matrix.
+    parts:    1: the matrix rounded once; 2: it is hi + lo, each rounded to dtype, multiplied as
+              hi*hi + hi*lo + lo*hi (three products, about 16 significant bits for bf16) so that a
+              low-precision matrix unit keeps most of fp32's accuracy.
+    whitened: the stored matrix is P's lower Cholesky factor L and z^T P z is computed as |L^T z|^2.
+              Rounding L instead of P lowers the worst-case relative error from about the unit
+              roundoff times condition(P) to times sqrt(condition(P)), for the same multiply-adds
+              (L is triangular as P's upper half is). On the real digits case of kernels/triton_fused.py the largest
+              relative error is fp16w 5e-4 vs fp16 2e-3 and bf16w 4e-3 vs bf16 2e-2 (Ledoit-Wolf
+              precision, condition 1.7e3); fp16w 9e-4 vs fp16 1e-2 and bf16w 1e-2 vs bf16 6e-2
+              (ridge precision, condition 2e5). It needs P positive definite.
+    """
+
+    dtype: torch.dtype
+    parts: int
+    whitened: bool = False
+
+
+PRECISION_VARIANTS: dict[str, PrecisionVariant] = {
+    "fp32": PrecisionVariant(torch.float32, 1),
+    "bf16": PrecisionVariant(torch.bfloat16, 1),
+    "fp16": PrecisionVariant(torch.float16, 1),
+    "bf16x3": PrecisionVariant(torch.bfloat16, 2),
+    "fp16x3": PrecisionVariant(torch.float16, 2),
+    "bf16w": PrecisionVariant(torch.bfloat16, 1, whitened=True),
+    "fp16w": PrecisionVariant(torch.float16, 1, whitened=True),
 }
 
 
@@ -141,9 +162,13 @@ class LastLayerStats:
     mean_norms:        [C] float32 |mu_c|^2.
     mean_quadratics:   [C] float32 mu_c^T P mu_c.
     means_absmax:      [C] float32 max_k |mu_c,k| (to bound |z| for the per-sample scaling).
-    precision_parts:   one or two [K, K] tensors of the variant's element type whose sum is
-                       P / precision_scale (P symmetrised, in kernel order).
-    precision_scale:   a power of two >= max |P|, so the stored parts lie in [-1, 1] (fp16 range).
+    precision_parts:   one or two [K, K] tensors of the variant's element type. Plain variants: their
+                       sum is P / precision_scale (P symmetrised, in kernel order; kernels read its
+                       upper triangle, tiles i <= j). Whitened variants: one lower-triangular part L
+                       with L L^T = P / precision_scale (entries above the diagonal are zero and
+                       never read; kernels read tiles i >= j).
+    precision_scale:   a power of two with every stored entry in [-1, 1] (fp16 range): >= max |P|,
+                       or for whitened variants the square of a power of two >= max |L|.
     variant:           a key of PRECISION_VARIANTS.
     """
 
@@ -175,8 +200,10 @@ class LastLayerStats:
 def prepare_last_layer_stats(means: torch.Tensor, precision: torch.Tensor, variant: str = "fp32") -> LastLayerStats:
     """Reorder, symmetrise, scale and round a fitted (means [C, K], precision [K, K]) for the kernels.
 
-    K must be C * (D + 1) in the row-major layout of `last_layer_gradients`. The work is done in
-    float64 so that the only rounding is the final one to the variant's element type.
+    K must be C * (D + 1) in the row-major layout of `last_layer_gradients`. The work (the Cholesky
+    factorisation too, for whitened variants) is done in float64 so that the only rounding is the
+    final one to the variant's element type. Whitened variants refuse a P that is not positive
+    definite with an InputError.
     """
     if variant not in PRECISION_VARIANTS:
         raise InputError(f"precision variant must be one of {sorted(PRECISION_VARIANTS)}, got {variant!r}")
@@ -190,18 +217,45 @@ def prepare_last_layer_stats(means: torch.Tensor, precision: torch.Tensor, varia
     sym = precision.double()[order][:, order]
     sym = (sym + sym.T) / 2
     projected = mu @ sym
-    largest = float(sym.abs().max())
-    scale = 2.0 ** math.ceil(math.log2(largest)) if largest > 0 else 1.0
-    dtype, parts = PRECISION_VARIANTS[variant]
-    remainder, rounded = sym / scale, []
-    for _ in range(parts):
-        rounded.append(remainder.to(dtype).contiguous())
-        remainder = remainder - rounded[-1].double()
+    spec = PRECISION_VARIANTS[variant]
+    if spec.whitened:
+        factor = _cholesky_factor(sym, variant)
+        factor_scale = _power_of_two_bound(factor)
+        stored, scale = factor / factor_scale, factor_scale ** 2
+    else:
+        scale = _power_of_two_bound(sym)
+        stored = sym / scale
     return LastLayerStats(
         means=mu.float().contiguous(), precision_means=projected.float().contiguous(),
         mean_norms=(mu * mu).sum(dim=1).float(), mean_quadratics=(projected * mu).sum(dim=1).float(),
-        means_absmax=mu.abs().amax(dim=1).float(), precision_parts=tuple(rounded), precision_scale=scale,
-        variant=variant, num_classes=num_classes, feature_dim=dim // num_classes - 1)
+        means_absmax=mu.abs().amax(dim=1).float(), precision_parts=_rounded_parts(stored, spec),
+        precision_scale=scale, variant=variant, num_classes=num_classes, feature_dim=dim // num_classes - 1)
+
+
+def _cholesky_factor(sym: torch.Tensor, variant: str) -> torch.Tensor:
+    """Lower L with L L^T = sym (float64); a whitened variant needs P positive definite."""
+    factor, info = torch.linalg.cholesky_ex(sym)
+    if int(info) != 0:
+        plain = ", ".join(name for name, spec in PRECISION_VARIANTS.items() if not spec.whitened)
+        raise InputError(f"precision variant {variant!r} stores P's Cholesky factor, but P is not positive definite "
+                         f"(its leading minor of order {int(info)} in kernel order is not), as with a pseudo-inverse "
+                         f"of a singular covariance; the un-whitened variants ({plain}) take any symmetric P")
+    return factor
+
+
+def _power_of_two_bound(matrix: torch.Tensor) -> float:
+    """The smallest power of two >= max |matrix| (1 for a zero matrix): dividing by it is exact."""
+    largest = float(matrix.abs().max())
+    return 2.0 ** math.ceil(math.log2(largest)) if largest > 0 else 1.0
+
+
+def _rounded_parts(matrix: torch.Tensor, spec: PrecisionVariant) -> tuple[torch.Tensor, ...]:
+    """matrix (float64) as spec.parts tensors of spec.dtype whose sum rounds it as closely as they can."""
+    remainder, rounded = matrix, []
+    for _ in range(spec.parts):
+        rounded.append(remainder.to(spec.dtype).contiguous())
+        remainder = remainder - rounded[-1].double()
+    return tuple(rounded)
 
 
 @dataclass(frozen=True)
@@ -273,7 +327,7 @@ def _check_last_layer_inputs(features: torch.Tensor, probs: torch.Tensor, labels
 
 def closed_form_scores(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
                        stats: LastLayerStats) -> torch.Tensor:
-    """The unfused torch path: write z [B, K], one GEMM with P, reduce. float32 [B].
+    """The unfused torch path: write z [B, K], one GEMM with the stored P (or factor), reduce. float32 [B].
 
     Same arithmetic as the fused kernels (operands rounded to the variant's type, float32
     products and sums), so it is both the CPU implementation and the baseline they are timed against.
@@ -282,19 +336,35 @@ def closed_form_scores(features: torch.Tensor, probs: torch.Tensor, labels: torc
     residual, features = operands.coef[:, :-1], operands.x[:, : stats.feature_dim]
     gradient = torch.cat([(residual[:, :, None] * features[:, None, :]).flatten(1), residual], dim=1)
     z = (gradient - operands.mean_weight[:, None] * stats.means[labels]) * operands.inv_scale[:, None]
-    return scores_from_partials((_precision_product(z, stats) * z).sum(dim=1)[None], operands, stats)
+    return scores_from_partials(_quadratic_form(z, stats)[None], operands, stats)
 
 
-def _precision_product(x: torch.Tensor, stats: LastLayerStats) -> torch.Tensor:
-    """x [B, K] float32 times the stored P / precision_scale, float32, in the variant's arithmetic."""
-    dtype, _ = PRECISION_VARIANTS[stats.variant]
-    if dtype == torch.float32:
+def _quadratic_form(z: torch.Tensor, stats: LastLayerStats) -> torch.Tensor:
+    """z^T (P / precision_scale) z per row of z [B, K] float32, [B], in the variant's arithmetic.
+
+    Plain variants: (z @ P) . z. Whitened: |z @ L|^2, each entry of z @ L being one column of the
+    fused kernels' walk.
+    """
+    product = _stored_product(z, stats)
+    if PRECISION_VARIANTS[stats.variant].whitened:
+        return (product * product).sum(dim=1)
+    return (product * z).sum(dim=1)
+
+
+def _stored_product(x: torch.Tensor, stats: LastLayerStats) -> torch.Tensor:
+    """x [B, K] float32 times the stored matrix (P / precision_scale, or its factor L), float32.
+
+    x is rounded to the element type like the stored matrix; split variants add the hi*lo and lo*hi
+    products. Products and sums are float32.
+    """
+    spec = PRECISION_VARIANTS[stats.variant]
+    if spec.dtype == torch.float32:
         return x @ stats.precision_parts[0]
-    high = x.to(dtype)
+    high = x.to(spec.dtype)
     out = _float32_product(high, stats.precision_parts[0])
-    if len(stats.precision_parts) == 2:
+    if spec.parts == 2:
         out += _float32_product(high, stats.precision_parts[1])
-        out += _float32_product((x - high.float()).to(dtype), stats.precision_parts[0])
+        out += _float32_product((x - high.float()).to(spec.dtype), stats.precision_parts[0])
     return out
 
 

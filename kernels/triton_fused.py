@@ -3,13 +3,19 @@
 The score (g - mu_y)^T P (g - mu_y), g = (p - onehot(y)) (outer) [a; 1] in kernel order, is split as
 z^T P z + correction with z = g - t mu_y (see kernels.reference.LastLayerStats); the correction and
 t come from small torch GEMMs, and this kernel does the K x K part. A program owns BLOCK_B samples and
-one column tile j of P. It rebuilds tiles of z / s (s a per-sample power of two, |z / s| <= 1) from
-the residual, the features and the class means, and, P being symmetric, walks row tiles i <= j only:
+one column tile j of the stored matrix. It rebuilds tiles of z / s (s a per-sample power of two,
+|z / s| <= 1) from the residual, the features and the class means, and, P being symmetric, walks row
+tiles i <= j only:
 
     z^T P z = sum_j [ 2 * sum_{i<j} z_i^T P_ij + z_j^T P_jj ] z_j,
 
-half the multiply-adds of the unfused Z @ P. Each program writes one partial sum per sample ([T, B]
-floats in all); the wrapper adds them, undoes the scalings and adds the correction.
+half the multiply-adds of the unfused Z @ P. For whitened variants the stored matrix is P's lower
+Cholesky factor L, zero above its diagonal, and the program walks row tiles i >= j:
+
+    z^T P z = |L^T z|^2 = sum_j | sum_{i>=j} z_i^T L_ij |^2,
+
+the same multiply-adds. Each program writes one partial sum per sample ([T, B] floats in all); the
+wrapper adds them, undoes the scalings and adds the correction.
 
 Accuracy: largest relative error per sample vs float64 `kernels.reference.last_layer_scores` (median in
 brackets) over the 539 real digits test images (digit 9 novel), digits MLP D=64, C=9, K=585, predicted
@@ -17,13 +23,18 @@ labels, Ledoit-Wolf precision (condition number 1.7e3), measured through Triton'
     fp32   (P float32, tl.dot tf32x3 on GPUs)            9e-7 (7e-8)
     bf16x3 (P = hi + lo bf16, products hi*hi+hi*lo+lo*hi) 2e-5 (6e-7)
     fp16x3 (the same with fp16)                          2e-6 (1e-7)
+    fp16w  (L and z rounded once to fp16, |L^T z|^2)     5e-4 (3e-5)
     fp16   (P and z rounded once to fp16)                2e-3 (4e-5)
+    bf16w  (L and z rounded once to bf16, |L^T z|^2)     4e-3 (2e-4)
     bf16   (P and z rounded once to bf16)                2e-2 (5e-4)
-With an ill-conditioned precision (ridge shrinkage, condition 2e5) the same torch arithmetic gives
-fp32 1e-5, bf16x3 2e-4, fp16 1e-2, bf16 6e-2: rounding P leaks its large eigenvalues, which sit on
-directions the IDD gradients hardly visit, into the directions they do. So bf16x3 is the variant for
-bf16 matrix units when the score must stay within 1e-3; one-part bf16 is not. tests/test_kernels_triton.py
-measures these bounds again on every run.
+With an ill-conditioned precision (ridge shrinkage, condition 2e5) the interpreter gives fp32 7e-6,
+bf16x3 2e-4, fp16w 9e-4, fp16 1e-2, bf16w 1e-2, bf16 6e-2: rounding P leaks its large eigenvalues,
+which sit on directions the IDD gradients hardly visit, into the directions they do. Rounding the
+factor L leaks far less, and less so as the condition grows (from the first precision to this one
+fp16w's error doubles, fp16's grows 7x), so fp16w is the one-product 16-bit variant within 1e-3 on both precisions (with predicted labels; 2e-3 on the
+ridge one with wrong given labels). bf16w gains 5x over bf16 but is not, so bf16x3 stays the
+variant for bf16 matrix units when the score must stay within 1e-3.
+tests/test_kernels_triton.py measures these bounds again on every run.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import triton.language as tl
 from edge_runtime.errors import ConfigError
 from kernels.dispatch import triton_interpreted
 from kernels.reference import (
+    PRECISION_VARIANTS,
     LastLayerStats,
     kernel_operands,
     score_tiles,
@@ -112,34 +124,53 @@ def _times_precision_tile(z, p_hi_ptr, p_lo_ptr, offsets, mask, acc, SPLIT: tl.c
 
 
 @triton.jit
+def _add_row_tile(acc, i, k_j, col_ok, tiles_ptr, x_ptr, coef_ptr, means_ptr, p_hi_ptr, p_lo_ptr, rows, row_ok,
+                  labels, mean_weight, inv_scale, cols, x_stride, coef_stride, dim, SPLIT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """(acc + z_i @ M_ij, z_i): row tile i of z / s times block (i, j) of the stored matrix M."""
+    z_i = _z_tile(tiles_ptr, i, x_ptr, coef_ptr, means_ptr, rows, row_ok, labels, mean_weight, inv_scale, cols,
+                  x_stride, coef_stride, dim)
+    k_i = tl.load(tiles_ptr + 4 * i + 2).to(tl.int64)  # K * K may pass 2^31
+    offsets = (k_i + cols)[:, None] * dim + (k_j + cols)[None, :]
+    mask = (cols < tl.load(tiles_ptr + 4 * i + 3))[:, None] & col_ok[None, :]
+    return _times_precision_tile(z_i, p_hi_ptr, p_lo_ptr, offsets, mask, acc, SPLIT, DOT_PRECISION, INTERPRETED), z_i
+
+
+@triton.jit
 def _fused_score_kernel(x_ptr, coef_ptr, labels_ptr, mean_weight_ptr, inv_scale_ptr, means_ptr, p_hi_ptr, p_lo_ptr,
                         tiles_ptr, partial_ptr, batch, dim, x_stride, coef_stride, num_tiles,
-                        BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, WHITENED: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < batch
-    j = num_tiles - 1 - tl.program_id(1)  # the longest walks (large j) are launched first
+    # Row tiles walked for column tile j, the longest walks launched first: i < j of P's upper half
+    # (the diagonal block comes last, below), or i >= j of the lower factor L (zero above its diagonal).
+    if WHITENED:
+        j = tl.program_id(1)
+        first, stop = j, num_tiles
+    else:
+        j = num_tiles - 1 - tl.program_id(1)
+        first, stop = 0, j
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
     mean_weight = tl.load(mean_weight_ptr + rows, mask=row_ok, other=0.0)
     inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=0.0)
     cols = tl.arange(0, BLOCK_T)
-    k_j = tl.load(tiles_ptr + 4 * j + 2).to(tl.int64)  # K * K may pass 2^31
+    k_j = tl.load(tiles_ptr + 4 * j + 2).to(tl.int64)
     col_ok = cols < tl.load(tiles_ptr + 4 * j + 3)
     acc = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32)
-    for i in range(j):
-        z_i = _z_tile(tiles_ptr, i, x_ptr, coef_ptr, means_ptr, rows, row_ok, labels, mean_weight, inv_scale, cols,
-                      x_stride, coef_stride, dim)
-        k_i = tl.load(tiles_ptr + 4 * i + 2).to(tl.int64)
-        offsets = (k_i + cols)[:, None] * dim + (k_j + cols)[None, :]
-        mask = (cols < tl.load(tiles_ptr + 4 * i + 3))[:, None] & col_ok[None, :]
-        acc = _times_precision_tile(z_i, p_hi_ptr, p_lo_ptr, offsets, mask, acc, SPLIT, DOT_PRECISION, INTERPRETED)
-    z_j = _z_tile(tiles_ptr, j, x_ptr, coef_ptr, means_ptr, rows, row_ok, labels, mean_weight, inv_scale, cols,
-                  x_stride, coef_stride, dim)
-    acc = acc * 2.0  # every off-diagonal block of the symmetric P is met once but counts twice
-    offsets = (k_j + cols)[:, None] * dim + (k_j + cols)[None, :]
-    acc = _times_precision_tile(z_j, p_hi_ptr, p_lo_ptr, offsets, col_ok[:, None] & col_ok[None, :], acc, SPLIT,
-                                DOT_PRECISION, INTERPRETED)
-    tl.store(partial_ptr + j * batch + rows, tl.sum(acc * z_j, axis=1), mask=row_ok)
+    for i in range(first, stop):
+        acc, _ = _add_row_tile(acc, i, k_j, col_ok, tiles_ptr, x_ptr, coef_ptr, means_ptr, p_hi_ptr, p_lo_ptr, rows,
+                               row_ok, labels, mean_weight, inv_scale, cols, x_stride, coef_stride, dim, SPLIT,
+                               DOT_PRECISION, INTERPRETED)
+    if WHITENED:
+        partial = tl.sum(acc * acc, axis=1)  # acc is column tile j of z^T L
+    else:
+        acc = acc * 2.0  # every off-diagonal block of the symmetric P is met once but counts twice
+        acc, z_j = _add_row_tile(acc, j, k_j, col_ok, tiles_ptr, x_ptr, coef_ptr, means_ptr, p_hi_ptr, p_lo_ptr, rows,
+                                 row_ok, labels, mean_weight, inv_scale, cols, x_stride, coef_stride, dim, SPLIT,
+                                 DOT_PRECISION, INTERPRETED)
+        partial = tl.sum(acc * z_j, axis=1)
+    tl.store(partial_ptr + j * batch + rows, partial, mask=row_ok)
 
 
 @lru_cache(maxsize=32)
@@ -165,10 +196,11 @@ def fused_last_layer_scores(features: torch.Tensor, probs: torch.Tensor, labels:
     partial = torch.empty(len(tiles), batch, dtype=torch.float32, device=stats.device)
     if batch:
         p_hi, p_lo = stats.precision_parts[0], stats.precision_parts[-1]
+        spec = PRECISION_VARIANTS[stats.variant]
         grid = (triton.cdiv(batch, block_b), len(tiles))
         _fused_score_kernel[grid](operands.x, operands.coef, labels.contiguous(), operands.mean_weight,
                                   operands.inv_scale, stats.means, p_hi, p_lo, tiles, partial, batch, stats.dim,
                                   operands.x.stride(0), operands.coef.stride(0), len(tiles), BLOCK_B=block_b, BLOCK_T=block_t,
-                                  SPLIT=len(stats.precision_parts) == 2, DOT_PRECISION=dot_precision,
+                                  SPLIT=spec.parts == 2, WHITENED=spec.whitened, DOT_PRECISION=dot_precision,
                                   INTERPRETED=triton_interpreted(), num_warps=num_warps, num_stages=num_stages)
     return scores_from_partials(partial, operands, stats)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibration.gaussian import fit_tied_gaussian
+from calibration.moments import ClassMoments
 from edge_runtime.config import load_config, with_overrides
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.digits import load_digits_split
@@ -20,6 +22,7 @@ from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.registry import build_classifier
 from edge_runtime.session import Session
 from edge_runtime.training.trainer import compute_mean_std, train_classifier
+from kernels.reference import last_layer_gradients
 
 
 def train_digit_classifier(train: ImageSet, steps: int = 300, seed: int = 0) -> FrozenClassifier:
@@ -52,17 +55,12 @@ def known_digits(data: ImageSet, novel: int = 9) -> tuple[ImageSet, ImageSet]:
     return ImageSet(known.images, labels, known.classes[:novel] + known.classes[novel + 1:], data.name), data.subset(~keep)
 
 
-def fitted_digits_gradients(test_images: int | None = None) -> tuple[torch.Tensor, ...]:
-    """(features, logits, means, precision): the digits classifier's test outputs and a Ledoit-Wolf fit
-    of its last-layer gradients on the known training digits (D=64, C=9, K=585; digit 9 novel).
+def fitted_digits_moments(test_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ClassMoments]:
+    """(test features, test logits, ClassMoments of the known training digits' last-layer gradients).
 
-    The shared real-data case of the kernel tests: accuracy claims rest on it, not on random tensors.
+    The shared real-data case of the kernel tests (D=64, C=9, K=585; digit 9 novel), kept at the
+    moments so a test can fit the shrinkage it needs; accuracy claims rest on it, not on random tensors.
     """
-    from calibration.gaussian import fit_tied_gaussian
-    from calibration.moments import ClassMoments
-    from edge_runtime.data.digits import load_digits_split
-    from kernels.reference import last_layer_gradients
-
     known_train, _ = known_digits(load_digits_split("train"))
     classifier = train_digit_classifier(known_train)
     with torch.no_grad():
@@ -71,6 +69,12 @@ def fitted_digits_gradients(test_images: int | None = None) -> tuple[torch.Tenso
     labels = torch.from_numpy(known_train.labels)
     moments = ClassMoments(9, 9 * 65)
     moments.update(last_layer_gradients(train_features.double(), train_logits.double().softmax(dim=1), labels), labels)
+    return features, logits, moments
+
+
+def fitted_digits_gradients(test_images: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(features, logits, means, precision): `fitted_digits_moments` with a Ledoit-Wolf fit."""
+    features, logits, moments = fitted_digits_moments(test_images)
     gaussian = fit_tied_gaussian(moments, "ledoit_wolf", 1e-3)
     return features, logits, gaussian.means, gaussian.precision
 

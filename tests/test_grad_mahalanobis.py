@@ -1,8 +1,9 @@
-"""Gradient sites against autograd, the y_opt rule, and gradient Mahalanobis on real digits."""
+"""Gradient sites against autograd, the y_opt rule, and gradient Mahalanobis on real digits (scored through the kernel dispatch)."""
 
 from __future__ import annotations
 
 import copy
+from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from edge_runtime.detectors.gradient_sites import LastConvSite, LastLinearSite, 
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
-from kernels.reference import last_layer_gradients, mahalanobis_scores
+from kernels.dispatch import SCORE_IMPLEMENTATIONS
+from kernels.reference import PRECISION_VARIANTS, last_layer_gradients, mahalanobis_scores
 
 
 def _observe(classifier: FrozenClassifier, images: np.ndarray, dtype: torch.dtype = torch.float32) -> Observations:
@@ -195,3 +197,40 @@ def test_scores_with_given_labels_and_the_state_round_trip(digits):
     assert torch.equal(restored.score(novel), detector.score(novel))
     with pytest.raises(StateError, match="site"):
         GradientMahalanobis(classifier).load_state_dict(detector.state_dict())
+
+
+@pytest.mark.parametrize(("precision", "bound"), [("fp32", 1e-5), ("bf16x3", 1e-4), ("fp16", 1e-2)])
+def test_last_linear_scores_go_through_the_kernel_dispatch(digits, precision, bound):
+    classifier, train, labels, known, novel = digits
+    config = DetectorConfig(kernel_precision=precision, chunk_size=200)
+    detector = GradientMahalanobis(classifier, config).fit(train, labels)
+    batch = Observations.concat([known, novel])
+    scores = detector.score(batch)
+    assert detector.scoring_implementation == "closed_form"  # the CPU's choice; a GPU picks a fused kernel
+    gaussian = detector.gaussian
+    predicted = batch.logits.argmax(dim=1)
+    probs = batch.logits.softmax(dim=1).double()  # the kernels' float32 softmax: only their arithmetic is judged
+    reference = mahalanobis_scores(last_layer_gradients(batch.features.double(), probs, predicted),
+                                   gaussian.means.double(), predicted, gaussian.precision.double())
+    error = ((scores.double() - reference).abs() / reference.abs()).max()
+    assert error <= bound, f"{precision}: max relative error {error:.1e}"
+
+    restored = GradientMahalanobis(classifier, config)
+    restored.load_state_dict(detector.state_dict())
+    assert torch.equal(restored.score(batch), scores)
+
+
+def test_scoring_implementation_is_named_and_an_unavailable_one_refused(digits):
+    classifier, train, labels, known, _ = digits
+    deep = GradientMahalanobis(classifier, DetectorConfig(site="penultimate")).fit(train, labels)
+    deep.score(known)
+    assert deep.scoring_implementation == "explicit_gradients"
+    on_gpu_only = GradientMahalanobis(classifier, DetectorConfig(kernel="cuda_fused")).fit(train, labels)
+    with pytest.raises(ConfigError, match="cuda_fused.*unavailable"):
+        on_gpu_only.score(known)
+
+
+def test_the_config_offers_exactly_the_kernels_implementations_and_variants():
+    hints = get_type_hints(DetectorConfig)
+    assert set(get_args(hints["kernel"])) == {"auto", *SCORE_IMPLEMENTATIONS}
+    assert set(get_args(hints["kernel_precision"])) == set(PRECISION_VARIANTS)

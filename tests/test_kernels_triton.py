@@ -37,7 +37,8 @@ from kernels.reference import (  # noqa: E402
 
 # Largest relative error vs float64 stated in kernels/triton_fused.py for the digits case, with 3x room
 # for platform differences in float32 summation order.
-STATED_MAX_ERROR = {"fp32": 9e-7, "bf16x3": 2e-5, "fp16x3": 2e-6, "fp16": 2e-3, "bf16": 2e-2}
+STATED_MAX_ERROR = {"fp32": 9e-7, "bf16x3": 2e-5, "fp16x3": 2e-6, "fp16w": 5e-4, "fp16": 2e-3, "bf16w": 4e-3,
+                    "bf16": 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -78,26 +79,31 @@ def test_fused_scores_match_float64_on_real_digits(digits_case, variant):
     assert error.max() <= 3 * unfused_error.max() + 1e-6
 
 
-def test_given_labels_and_predicted_labels_through_dispatch(digits_case):
+@pytest.mark.parametrize("variant", ["fp32", "fp16w", "bf16w"])  # the upper-half walk and the whitened one
+def test_given_labels_and_predicted_labels_through_dispatch(digits_case, variant):
     features, probs, means, precision = digits_case
     features, probs = features[:40], probs[:40]
-    stats = prepare_last_layer_stats(means, precision, "fp32")
+    stats = prepare_last_layer_stats(means, precision, variant)
     shifted = (probs.argmax(dim=1) + 1 + torch.arange(40) % 8) % 9  # wrong labels: large gradients
     given, name = score_last_layer(features, probs, shifted, stats, impl="triton_fused")
     predicted, _ = score_last_layer(features, probs, None, stats, impl="triton_fused")
     assert name == "triton_fused"
     for labels, scores in ((shifted, given), (probs.argmax(dim=1), predicted)):
         reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
-        assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR["fp32"]
+        assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
     assert given.mean() > predicted.mean()
 
 
 @pytest.mark.parametrize(("batch", "classes", "feature_dim", "block_t", "variant"), [
     (1, 3, 5, 16, "fp32"),     # K = 18 < one tile; a single sample
     (1, 3, 5, 16, "bf16"),
+    (1, 3, 5, 16, "fp16w"),
     (17, 4, 40, 32, "fp32"),   # D = 40: weight tiles of 32 and 8; row blocks of 16 and 1
     (17, 4, 40, 32, "bf16x3"),
+    (17, 4, 40, 32, "fp16w"),
+    (17, 4, 40, 32, "bf16w"),
     (9, 9, 33, 64, "fp32"),    # weight tiles of 33 < 64 beside one tile of the 9 biases
+    (9, 9, 33, 64, "bf16w"),
 ])
 def test_odd_shapes_against_float64(batch, classes, feature_dim, block_t, variant):
     generator = torch.Generator().manual_seed(batch * 100 + classes)
@@ -111,7 +117,7 @@ def test_odd_shapes_against_float64(batch, classes, feature_dim, block_t, varian
     reference = last_layer_scores(features.double(), probs.double(), labels, means, precision)
     stats = prepare_last_layer_stats(means, precision, variant)
     fused = triton_fused.fused_last_layer_scores(features, probs, labels, stats, block_b=16, block_t=block_t)
-    bound = {"fp32": 1e-6, "bf16": 1e-2, "bf16x3": 1e-4}[variant]
+    bound = {"fp32": 1e-6, "bf16": 1e-2, "bf16x3": 1e-4, "fp16w": 1e-3, "bf16w": 1e-2}[variant]
     assert fused.shape == (batch,)
     assert _relative_error(fused, reference).max() <= bound
 

@@ -2,6 +2,9 @@
 
 The gradient is taken at one of the sites of `gradient_sites` for a chosen label; the IDD class
 means and one tied precision are fitted on known data with its true labels (DESIGN.md, method 1).
+At the last_linear site scoring goes through `kernels.dispatch.score_last_layer`, which never forms
+the [B, K] gradient and picks the fastest implementation the device runs (a fused Triton or CUDA C
+kernel on a GPU, the closed-form torch path on a CPU).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
 from edge_runtime.config import DetectorConfig
 from edge_runtime.detectors.base import Detector, Observations
-from edge_runtime.detectors.gradient_sites import build_site
+from edge_runtime.detectors.gradient_sites import LastLinearSite, build_site
 from edge_runtime.errors import InputError, StateError
 from edge_runtime.models.base import FrozenClassifier
+from kernels.dispatch import score_last_layer
+from kernels.reference import LastLayerStats, prepare_last_layer_stats
 
 
 class GradientMahalanobis(Detector):
@@ -32,6 +37,8 @@ class GradientMahalanobis(Detector):
         self.site = build_site(config, classifier, seed)
         self.progress = progress
         self.gaussian: TiedGaussian | None = None
+        self._kernel_stats: LastLayerStats | None = None
+        self.scoring_implementation: str | None = None  # what computed the latest scores (kernels.dispatch names)
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "GradientMahalanobis":
         """Stream the known data through the site in chunks into class moments, then fit the Gaussian."""
@@ -44,6 +51,7 @@ class GradientMahalanobis(Detector):
                           disable=not self.progress, leave=False):
             moments.update(self.site.gradients(known.select(index), labels[index]), labels[index])
         self.gaussian = fit_tied_gaussian(moments, self.config.shrinkage, self.config.ridge)
+        self._kernel_stats = None
         return self
 
     def score(self, batch: Observations) -> torch.Tensor:
@@ -54,11 +62,33 @@ class GradientMahalanobis(Detector):
         """Score with the given label per sample, float32 [B]."""
         gaussian = self._fitted()
         labels = labels.to(device=batch.logits.device, dtype=torch.long)
+        if isinstance(self.site, LastLinearSite):
+            return self._last_layer_scores(batch, labels)
         if gaussian.means.device != batch.logits.device:
             gaussian = self.gaussian = gaussian.to(batch.logits.device)
         scores = [gaussian.score(self.site.gradients(batch.select(index), labels[index]), labels[index])
                   for index in _chunks(len(batch), self.config.chunk_size)]
+        self.scoring_implementation = "explicit_gradients"
         return torch.cat(scores).float() if scores else batch.logits.new_zeros(0)
+
+    def _last_layer_scores(self, batch: Observations, labels: torch.Tensor) -> torch.Tensor:
+        """Scores from features and logits through the kernel dispatch, chunked (closed_form forms [chunk, K])."""
+        stats = self._stats_on(batch.logits.device)
+        scores = []
+        for index in _chunks(len(batch), self.config.chunk_size):
+            chunk_scores, self.scoring_implementation = score_last_layer(
+                batch.features[index].float(), batch.logits[index].float(), labels[index], stats,
+                impl=self.config.kernel, from_logits=True)
+            scores.append(chunk_scores)
+        return torch.cat(scores) if scores else batch.logits.new_zeros(0)
+
+    def _stats_on(self, device: torch.device) -> LastLayerStats:
+        """The Gaussian in the kernels' layout and `detector.kernel_precision`, prepared once per fit and device."""
+        if self._kernel_stats is None or self._kernel_stats.device != device:
+            gaussian = self._fitted()
+            self._kernel_stats = prepare_last_layer_stats(gaussian.means, gaussian.precision,
+                                                          self.config.kernel_precision).to(device)
+        return self._kernel_stats
 
     def select_novel_label(self, believed_ood: Observations) -> int:
         """y_opt = argmin_c sum_i softmax_c(x_i): the label giving believed-OOD samples the largest gradient."""
@@ -78,6 +108,7 @@ class GradientMahalanobis(Detector):
             raise StateError(f"saved Gaussian is {gaussian.num_classes} classes x {gaussian.dim} dims, "
                              f"this classifier and site need {self.classifier.num_classes} x {self.site.dim}")
         self.gaussian = gaussian
+        self._kernel_stats = None
 
     def _fitted(self) -> TiedGaussian:
         if self.gaussian is None:

@@ -5,33 +5,30 @@
 #include "last_layer_score.cuh"
 #include "per_sample_grad.cuh"
 
-extern "C" int emulate_last_layer_score(int element_bits, int bfloat, const float* x, const float* coef,
+// Returns 1, launching nothing, for an element type / form that has no kernel (whitened float32).
+extern "C" int emulate_last_layer_score(int element_bits, int bfloat, int whitened, const float* x, const float* coef,
                                         const long long* labels, const float* mean_weight, const float* inv_scale,
                                         const float* means, const void* precision, const int* tiles, float* partial,
                                         int batch, int dim, int x_stride, int coef_stride, int num_tiles) {
   using namespace edge_kernels;
   const EmuIndex grid{unsigned((batch + kTileB - 1) / kTileB), unsigned(num_tiles), 1};
   const EmuIndex block{kScoreThreads, 1, 1};
-  if (element_bits == 32) {
+  const auto run = [&](auto kernel, const auto* typed_precision) {
     emulate_launch(grid, block, [&] {
-      last_layer_score_f32(x, coef, labels, mean_weight, inv_scale, means, static_cast<const float*>(precision),
-                           tiles, partial, batch, dim, x_stride, coef_stride, num_tiles);
+      kernel(x, coef, labels, mean_weight, inv_scale, means, typed_precision, tiles, partial, batch, dim, x_stride,
+             coef_stride, num_tiles);
     });
-  } else if (element_bits == 16 && bfloat) {
-    emulate_launch(grid, block, [&] {
-      last_layer_score_bf16(x, coef, labels, mean_weight, inv_scale, means,
-                            static_cast<const __nv_bfloat16*>(precision), tiles, partial, batch, dim, x_stride,
-                            coef_stride, num_tiles);
-    });
-  } else if (element_bits == 16) {
-    emulate_launch(grid, block, [&] {
-      last_layer_score_f16(x, coef, labels, mean_weight, inv_scale, means, static_cast<const __half*>(precision),
-                           tiles, partial, batch, dim, x_stride, coef_stride, num_tiles);
-    });
-  } else {
-    return 1;
+    return 0;
+  };
+  if (element_bits == 32 && !whitened) return run(last_layer_score_f32, static_cast<const float*>(precision));
+  if (element_bits == 16 && bfloat) {
+    return run(whitened ? last_layer_score_bf16_whitened : last_layer_score_bf16,
+               static_cast<const __nv_bfloat16*>(precision));
   }
-  return 0;
+  if (element_bits == 16) {
+    return run(whitened ? last_layer_score_f16_whitened : last_layer_score_f16, static_cast<const __half*>(precision));
+  }
+  return 1;
 }
 
 extern "C" void emulate_batched_outer(const float* grad_outputs, const float* columns, float* out, int batch,

@@ -1,12 +1,15 @@
 // Fused last-layer gradient Mahalanobis score for GPUs without Triton (Jetson): plain CUDA C,
 // float32 arithmetic, the precision matrix read as float, bf16 or fp16.
 //
-// Same walk as kernels/triton_fused.py: block (bx, by) owns SCORE_TILE_B samples and column tile
-// j = num_tiles - 1 - by of P; it rebuilds tiles of z / s = (g - t mu_y) / s from x = [features | residual],
+// Same walk as kernels/triton_fused.py: block (bx, by) owns SCORE_TILE_B samples and one column tile
+// j of the stored matrix; it rebuilds tiles of z / s = (g - t mu_y) / s from x = [features | residual],
 // coef = [residual | 1] and the class means (tile table: kernels.reference.score_tiles; t, s and the
-// terms that complete the score: kernels.reference.kernel_operands), visits row tiles i <= j only
-// (P is symmetric), and writes partial[j][b] = [2 sum_{i<j} z_i P_ij + z_j P_jj] . z_j.
-// The B x K gradient is never written to global memory.
+// terms that complete the score: kernels.reference.kernel_operands). For a symmetric P it takes
+// j = num_tiles - 1 - by, visits row tiles i <= j only and writes
+// partial[j][b] = [2 sum_{i<j} z_i P_ij + z_j P_jj] . z_j. For a whitened variant the matrix is P's
+// lower Cholesky factor L; it takes j = by, visits row tiles i >= j (L is zero above its diagonal) and
+// writes partial[j][b] = |sum_{i>=j} z_i L_ij|^2, so the partials still add up to z^T P z. Either
+// way the longest walks are launched first. The B x K gradient is never written to global memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -66,7 +69,8 @@ __device__ __forceinline__ void load_precision_tile(const ScoreInputs& in, const
   }
 }
 
-template <typename Element>
+// Whitened: the matrix is lower triangular and each partial is a squared norm (see the top of this file).
+template <typename Element, bool Whitened>
 __device__ __forceinline__ void last_layer_score(const ScoreInputs& in, const Element* precision, float* partial) {
   __shared__ float z_j[kTileB][kTileK + 1];
   __shared__ float z_i[kTileB][kTileK + 1];
@@ -74,16 +78,17 @@ __device__ __forceinline__ void last_layer_score(const ScoreInputs& in, const El
   const int col = threadIdx.x % kTileK;
   const int row0 = threadIdx.x / kTileK;
   const int first_row = blockIdx.x * kTileB;
-  const int j = in.num_tiles - 1 - (int)blockIdx.y;  // the longest walks are launched first
+  const int j = Whitened ? (int)blockIdx.y : in.num_tiles - 1 - (int)blockIdx.y;  // longest walks first
+  const int first_tile = Whitened ? j : 0, last_tile = Whitened ? in.num_tiles - 1 : j;
   float acc[kRowsPerThread];
   for (int m = 0; m < kRowsPerThread; ++m) acc[m] = 0.0f;
 
-  for (int i = 0; i <= j; ++i) {
+  for (int i = first_tile; i <= last_tile; ++i) {
     float (*z)[kTileK + 1] = (i == j) ? z_j : z_i;
     load_z_tile(in, i, first_row, z);
     load_precision_tile(in, precision, i, j, p);
     __syncthreads();
-    if (i == j) {
+    if (!Whitened && i == j) {
       for (int m = 0; m < kRowsPerThread; ++m) acc[m] *= 2.0f;  // off-diagonal blocks count twice
     }
     for (int k = 0; k < kTileK; ++k) {
@@ -94,7 +99,7 @@ __device__ __forceinline__ void last_layer_score(const ScoreInputs& in, const El
   }
   for (int m = 0; m < kRowsPerThread; ++m) {
     const int r = row0 + m * kRowStep;
-    z_i[r][col] = acc[m] * z_j[r][col];
+    z_i[r][col] = acc[m] * (Whitened ? acc[m] : z_j[r][col]);
   }
   __syncthreads();
   if (threadIdx.x < kTileB && first_row + (int)threadIdx.x < in.batch) {
@@ -106,16 +111,18 @@ __device__ __forceinline__ void last_layer_score(const ScoreInputs& in, const El
 
 }  // namespace edge_kernels
 
-#define EDGE_SCORE_ENTRY(NAME, ELEMENT)                                                                      \
+#define EDGE_SCORE_ENTRY(NAME, ELEMENT, WHITENED)                                                            \
   extern "C" __global__ void __launch_bounds__(edge_kernels::kScoreThreads)                                  \
       NAME(const float* x, const float* coef, const long long* labels, const float* mean_weight,             \
            const float* inv_scale, const float* means, const ELEMENT* precision, const int* tiles,            \
            float* partial, int batch, int dim, int x_stride, int coef_stride, int num_tiles) {                \
     const edge_kernels::ScoreInputs in{x,     coef,  labels,   mean_weight, inv_scale,  means,               \
                                        tiles, batch, dim,      x_stride,    coef_stride, num_tiles};          \
-    edge_kernels::last_layer_score<ELEMENT>(in, precision, partial);                                         \
+    edge_kernels::last_layer_score<ELEMENT, WHITENED>(in, precision, partial);                               \
   }
 
-EDGE_SCORE_ENTRY(last_layer_score_f32, float)
-EDGE_SCORE_ENTRY(last_layer_score_bf16, __nv_bfloat16)
-EDGE_SCORE_ENTRY(last_layer_score_f16, __half)
+EDGE_SCORE_ENTRY(last_layer_score_f32, float, false)
+EDGE_SCORE_ENTRY(last_layer_score_bf16, __nv_bfloat16, false)
+EDGE_SCORE_ENTRY(last_layer_score_f16, __half, false)
+EDGE_SCORE_ENTRY(last_layer_score_bf16_whitened, __nv_bfloat16, true)
+EDGE_SCORE_ENTRY(last_layer_score_f16_whitened, __half, true)

@@ -16,9 +16,10 @@ void check_operand(const torch::Tensor& t, const char* name, c10::ScalarType dty
 
 }  // namespace
 
+// whitened: precision is a lower Cholesky factor (bf16 or fp16), see last_layer_score.cuh.
 torch::Tensor last_layer_partials(torch::Tensor x, torch::Tensor coef, torch::Tensor labels, torch::Tensor mean_weight,
                                   torch::Tensor inv_scale, torch::Tensor means, torch::Tensor precision,
-                                  torch::Tensor tiles) {
+                                  torch::Tensor tiles, bool whitened) {
   check_operand(x, "x", torch::kFloat);
   check_operand(coef, "coef", torch::kFloat);
   check_operand(labels, "labels", torch::kLong);
@@ -41,9 +42,24 @@ torch::Tensor last_layer_partials(torch::Tensor x, torch::Tensor coef, torch::Te
       reinterpret_cast<const ELEMENT*>(precision.data_ptr()), tiles.data_ptr<int>(), partial.data_ptr<float>(),  \
       batch, dim, static_cast<int>(x.stride(0)), static_cast<int>(coef.stride(0)), num_tiles)
   switch (precision.scalar_type()) {
-    case torch::kFloat: EDGE_LAUNCH_SCORE(last_layer_score_f32, float); break;
-    case torch::kBFloat16: EDGE_LAUNCH_SCORE(last_layer_score_bf16, __nv_bfloat16); break;
-    case torch::kHalf: EDGE_LAUNCH_SCORE(last_layer_score_f16, __half); break;
+    case torch::kFloat:
+      TORCH_CHECK(!whitened, "whitened scoring kernels read bfloat16 or float16 factors, got float32");
+      EDGE_LAUNCH_SCORE(last_layer_score_f32, float);
+      break;
+    case torch::kBFloat16:
+      if (whitened) {
+        EDGE_LAUNCH_SCORE(last_layer_score_bf16_whitened, __nv_bfloat16);
+      } else {
+        EDGE_LAUNCH_SCORE(last_layer_score_bf16, __nv_bfloat16);
+      }
+      break;
+    case torch::kHalf:
+      if (whitened) {
+        EDGE_LAUNCH_SCORE(last_layer_score_f16_whitened, __half);
+      } else {
+        EDGE_LAUNCH_SCORE(last_layer_score_f16, __half);
+      }
+      break;
     default: TORCH_CHECK(false, "precision must be float32, bfloat16 or float16, got ", precision.scalar_type());
   }
 #undef EDGE_LAUNCH_SCORE
