@@ -32,8 +32,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
-from calibration.gaussian import fit_tied_gaussian  # noqa: E402
+from calibration.gaussian import TiedGaussian, fit_tied_gaussian  # noqa: E402
 from calibration.moments import ClassMoments  # noqa: E402
+from edge_runtime.config import DetectorConfig  # noqa: E402
+from edge_runtime.detectors.base import Observations  # noqa: E402
+from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis  # noqa: E402
 from edge_runtime.models.base import FrozenClassifier  # noqa: E402
 from edge_runtime.models.resnet import CifarResNet  # noqa: E402
 from edge_runtime.models.small_cnn import small_cnn  # noqa: E402
@@ -236,7 +239,7 @@ def backbone(smoke: bool, device: torch.device) -> tuple[FrozenClassifier, tuple
 
 
 def bench_end_to_end(sizes: Sizes, variants: list[str], device: torch.device, smoke: bool) -> dict[str, float]:
-    """Backbone alone vs backbone + score_last_layer + threshold decision, bf16 autocast on a GPU."""
+    """Backbone alone vs backbone + the gradient Mahalanobis detector's scores + routing, bf16 autocast on a GPU."""
     classifier, shape = backbone(smoke, device)
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(sizes.end_to_end_batch, *shape, generator=generator).to(device)
@@ -253,14 +256,16 @@ def bench_end_to_end(sizes: Sizes, variants: list[str], device: torch.device, sm
     tag = f"b{sizes.end_to_end_batch}"
     alone = sizes.end_to_end_batch / seconds_per_call(embed, device, sizes.repeats)
     metrics = {metric_key("samples_per_s", "backbone", "bf16", tag): alone}
+    gaussian = TiedGaussian(means.float(), precision.float(), "oas").state_dict()
     for variant in variants:
-        stats = prepare_last_layer_stats(means, precision, variant)
+        detector = GradientMahalanobis(classifier, DetectorConfig(kernel_precision=variant))
+        detector.load_state_dict({"site": "last_linear", "gaussian": gaussian})
 
-        def decide(stats: LastLayerStats = stats) -> torch.Tensor:
+        def decide(detector: GradientMahalanobis = detector) -> torch.Tensor:
+            """What the runtime does per batch: embed, score through the detector, route."""
             features, logits = embed()
-            probs = logits.float().softmax(dim=1)
-            scores, _ = score_last_layer(features.float(), probs, None, stats)
-            return torch.where(scores > 1e3, classifier.num_classes, probs.argmax(dim=1))
+            scores = detector.score(Observations(None, features, logits))
+            return torch.where(scores > 1e3, classifier.num_classes, logits.argmax(dim=1))
 
         rate = sizes.end_to_end_batch / seconds_per_call(decide, device, sizes.repeats)
         metrics[metric_key("samples_per_s", "end_to_end", variant, tag)] = rate
