@@ -36,7 +36,7 @@ torch::Tensor last_layer_partials(torch::Tensor x, torch::Tensor coef, torch::Te
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* label_ptr = reinterpret_cast<const long long*>(labels.data_ptr<int64_t>());
 #define EDGE_LAUNCH_SCORE(KERNEL, ELEMENT)                                                                     \
-  KERNEL<<<grid, edge_kernels::kScoreThreads, 0, stream>>>(                                                    \
+  (KERNEL)<<<grid, edge_kernels::kScoreThreads, 0, stream>>>(                                                    \
       x.data_ptr<float>(), coef.data_ptr<float>(), label_ptr, mean_weight.data_ptr<float>(),                  \
       inv_scale.data_ptr<float>(), means.data_ptr<float>(),                                                    \
       reinterpret_cast<const ELEMENT*>(precision.data_ptr()), tiles.data_ptr<int>(), partial.data_ptr<float>(),  \
@@ -47,18 +47,10 @@ torch::Tensor last_layer_partials(torch::Tensor x, torch::Tensor coef, torch::Te
       EDGE_LAUNCH_SCORE(last_layer_score_f32, float);
       break;
     case torch::kBFloat16:
-      if (whitened) {
-        EDGE_LAUNCH_SCORE(last_layer_score_bf16_whitened, __nv_bfloat16);
-      } else {
-        EDGE_LAUNCH_SCORE(last_layer_score_bf16, __nv_bfloat16);
-      }
+      EDGE_LAUNCH_SCORE(whitened ? last_layer_score_bf16_whitened : last_layer_score_bf16, __nv_bfloat16);
       break;
     case torch::kHalf:
-      if (whitened) {
-        EDGE_LAUNCH_SCORE(last_layer_score_f16_whitened, __half);
-      } else {
-        EDGE_LAUNCH_SCORE(last_layer_score_f16, __half);
-      }
+      EDGE_LAUNCH_SCORE(whitened ? last_layer_score_f16_whitened : last_layer_score_f16, __half);
       break;
     default: TORCH_CHECK(false, "precision must be float32, bfloat16 or float16, got ", precision.scalar_type());
   }
