@@ -218,6 +218,8 @@ def test_last_linear_scores_go_through_the_kernel_dispatch(digits, precision, bo
     restored = GradientMahalanobis(classifier, config)
     restored.load_state_dict(detector.state_dict())
     assert torch.equal(restored.score(batch), scores)
+    empty = restored.score(batch.select(torch.tensor([], dtype=torch.long)))
+    assert empty.shape == (0,) and empty.dtype == torch.float32
 
 
 def test_scoring_implementation_is_named_and_an_unavailable_one_refused(digits):

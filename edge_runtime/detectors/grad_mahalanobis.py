@@ -69,7 +69,7 @@ class GradientMahalanobis(Detector):
         scores = [gaussian.score(self.site.gradients(batch.select(index), labels[index]), labels[index])
                   for index in _chunks(len(batch), self.config.chunk_size)]
         self.scoring_implementation = "explicit_gradients"
-        return torch.cat(scores).float() if scores else batch.logits.new_zeros(0)
+        return torch.cat(scores).float() if scores else batch.logits.new_zeros(0, dtype=torch.float32)
 
     def _last_layer_scores(self, batch: Observations, labels: torch.Tensor) -> torch.Tensor:
         """Scores from features and logits through the kernel dispatch, chunked (closed_form forms [chunk, K])."""
@@ -80,7 +80,7 @@ class GradientMahalanobis(Detector):
                 batch.features[index].float(), batch.logits[index].float(), labels[index], stats,
                 impl=self.config.kernel, from_logits=True)
             scores.append(chunk_scores)
-        return torch.cat(scores) if scores else batch.logits.new_zeros(0)
+        return torch.cat(scores) if scores else batch.logits.new_zeros(0, dtype=torch.float32)
 
     def _stats_on(self, device: torch.device) -> LastLayerStats:
         """The Gaussian in the kernels' layout and `detector.kernel_precision`, prepared once per fit and device."""
