@@ -22,7 +22,7 @@
 #
 # The machine gets the checkout without .git and without ../shared: copy the data sets into the
 # git-ignored .data/ first and carry it, and name the commit the results belong to:
-#   mkdir -p .data && cp ../shared/data/*.tar.gz .data/
+#   mkdir -p .data && cp ../shared/data/*.tar.gz ../shared/tools/check_results.py .data/
 #   run(command="EDGE_RUNTIME_COMMIT=<sha> benchmarks/gpu_session.sh env kernel-tests kernels",
 #       carry=[".data"], timeout_s=600)
 set -u
@@ -33,6 +33,10 @@ LOG="$OUT/log.txt"
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EDGE_RUNTIME_DATA="${EDGE_RUNTIME_DATA:-$PWD/.data}"
+# The tests check results with ../shared/tools/check_results.py; the machine has no ../shared, so use the carried copy.
+if [ -z "${EDGE_RUNTIME_RESULT_CHECKER:-}" ] && [ -f "$EDGE_RUNTIME_DATA/check_results.py" ]; then
+  export EDGE_RUNTIME_RESULT_CHECKER="$EDGE_RUNTIME_DATA/check_results.py"
+fi
 PYTHON="${PYTHON:-python3}"
 CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10-fastnet.yaml}"  # another config only to try the steps on a CPU
 BUDGETS="${BUDGETS:-500,1000}"
