@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from classifier_fixture import fitted_digits_gradients
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from edge_runtime.config import load_config, with_overrides
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.errors import ConfigError, InputError
+from edge_runtime.experiment import CLASSIFIER_FILE, prepare_data, train_frozen_classifier
 from kernels import (
     PRECISION_VARIANTS,
     dispatch,
@@ -180,11 +183,16 @@ def test_per_sample_gradients_refuse_layers_they_do_not_cover():
         per_sample_weight_gradients(nn.Conv2d(4, 4, 3), x, torch.zeros(2, 4, 5, 5))
 
 
-def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch, check_results):
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", REPO / "benchmarks" / "kernels.py")
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up while being built
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch, check_results):
+    benchmark = load_benchmark("kernels", monkeypatch)
     assert benchmark.main(["--smoke", "--out", str(tmp_path), "--variants", "fp32", "bf16x3", "--repeats", "1"]) == 0
     metrics = json.loads((tmp_path / "result.json").read_text())["metrics"]
     for impl in ("loop", "torch_func", "closed_form"):
@@ -194,3 +202,27 @@ def test_benchmark_smoke_run_writes_a_contract_result(tmp_path, monkeypatch, che
     assert "samples_per_s/loop/bf16x3/b16_k27" not in metrics  # autograd baselines have no split variant
     assert 0 < metrics["end_to_end_fraction/fp32/b8"]
     check_results(tmp_path)
+
+
+def test_accuracy_benchmark_measures_every_path_on_a_trained_digits_classifier(tmp_path, monkeypatch, check_results):
+    """On the CPU: closed form, Triton interpreter and CUDA C host emulation against float64."""
+    cfg = with_overrides(load_config(REPO / "configs/digits.yaml"), {"train.epochs": 2})
+    split = prepare_data(cfg, progress=False).split
+    train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path, progress=False)
+    out = tmp_path / "accuracy"
+    benchmark = load_benchmark("kernel_accuracy", monkeypatch)
+    assert benchmark.main(["--config", str(REPO / "configs/digits.yaml"), "--classifier",
+                           str(tmp_path / CLASSIFIER_FILE), "--samples", "40", "--variants", "fp32", "fp16w", "bf16x3",
+                           "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    tag = "digits-9_k585"
+    paths = ("closed_form", "triton_fused") + (("cuda_fused",) if shutil.which("g++") else ())
+    for impl in paths:
+        for mode in ("predicted", "y_opt"):
+            assert metrics[f"max_rel_error/{impl}/fp32/{mode}/{tag}"] < 1e-5
+            assert metrics[f"max_rel_error/{impl}/fp16w/{mode}/{tag}"] < 1e-3
+            assert 0 < metrics[f"median_rel_error/{impl}/fp16w/{mode}/{tag}"] <= metrics[f"max_rel_error/{impl}/fp16w/{mode}/{tag}"]
+        assert metrics[f"auroc/{impl}/fp32/{tag}"] == pytest.approx(metrics[f"auroc/float64/{tag}"], abs=1e-6)
+    assert "max_rel_error/cuda_fused/bf16x3/predicted/" + tag not in metrics  # CUDA C reads P in one part
+    assert metrics[f"max_rel_error/triton_fused/bf16x3/predicted/{tag}"] < 1e-4
+    check_results(out)
