@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(path, str):
                 rows.append([name, variant, "-", "-", "-", "-", path])
                 continue
-            errors = {mode: relative_errors(path(features, probs, labels, stats), references[mode])
-                      for mode, labels in label_modes.items()}
-            scores = path(features, probs, label_modes["predicted"], stats).cpu().numpy()
-            auroc = ood_metrics(scores[~is_novel], scores[is_novel])["auroc"]
+            scores = {mode: path(features, probs, labels, stats).cpu() for mode, labels in label_modes.items()}
+            errors = {mode: relative_errors(scores[mode], references[mode]) for mode in label_modes}
+            predicted = scores["predicted"].numpy()
+            auroc = ood_metrics(predicted[~is_novel], predicted[is_novel])["auroc"]
             for mode, error in errors.items():
                 metrics[metric_key("max_rel_error", name, variant, mode, tag)] = float(error.max())
                 metrics[metric_key("median_rel_error", name, variant, mode, tag)] = float(error.median())
