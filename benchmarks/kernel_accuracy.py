@@ -34,7 +34,7 @@ from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
 from edge_runtime.metrics import ood_metrics  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
-from kernels.dispatch import score_last_layer, unavailable_reason  # noqa: E402
+from kernels.dispatch import score_last_layer, triton_interpreted, unavailable_reason  # noqa: E402
 from kernels.reference import PRECISION_VARIANTS, LastLayerStats, last_layer_scores, prepare_last_layer_stats  # noqa: E402
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LastLayerStats], torch.Tensor]
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     config = {"run": config_to_dict(cfg), "classifier": str(args.classifier), "samples": len(test),
               "novel_samples": int(is_novel.sum()), "variants": args.variants, "k": int(precision.shape[0]),
               "gaussian_fit": f"{cfg.detector.shrinkage} on the known training images' last-layer gradients",
-              "cuda_fused_on_cpu": "host emulation (g++)", "torch": torch.__version__}
+              "cuda_fused": "compiled" if device.type == "cuda" else "host emulation (g++)",
+              "triton_fused": "interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled",
+              "torch": torch.__version__}
     path = write_result(args.out, config, metrics, device,
                         command="python benchmarks/kernel_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"wrote {path}")
