@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     detector = GradientMahalanobis(classifier, cfg.detector).fit(
         embed(classifier, split.train, device, keep_images=False), torch.from_numpy(split.train.labels))
     pick = np.random.default_rng(cfg.seed).permutation(len(split.test))[:args.samples]
-    test = embed(classifier, split.test.subset(np.sort(pick)), device, keep_images=False)
     is_novel = split.test.labels[np.sort(pick)] >= len(split.known_classes)
+    if is_novel.all() or not is_novel.any():
+        parser.error(f"--samples {args.samples} drew {int(is_novel.sum())} novel of {len(pick)} test images; "
+                     "the AUROC needs both known and novel ones: draw more")
+    test = embed(classifier, split.test.subset(np.sort(pick)), device, keep_images=False)
     features, probs = test.features.float(), test.logits.float().softmax(dim=1)
     means, precision = detector.gaussian.means.double().cpu(), detector.gaussian.precision.double().cpu()
     label_modes = {"predicted": probs.argmax(dim=1),
