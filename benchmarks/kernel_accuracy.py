@@ -34,6 +34,7 @@ from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
 from edge_runtime.metrics import ood_metrics  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
+from kernels.cuda_build import cuda_last_layer_scores, cuda_precision_refusal  # noqa: E402
 from kernels.dispatch import score_last_layer, triton_interpreted, unavailable_reason  # noqa: E402
 from kernels.reference import PRECISION_VARIANTS, LastLayerStats, last_layer_scores, prepare_last_layer_stats  # noqa: E402
 
@@ -52,14 +53,12 @@ def scoring_paths(device: torch.device) -> dict[str, Scorer | str]:
     elif shutil.which("g++") is None:
         paths["cuda_fused"] = "no GPU here and no g++ for the CUDA C kernels' host emulation"
     else:
-        from kernels.cuda_build import cuda_last_layer_scores
-
         paths["cuda_fused"] = lambda f, p, y, s: cuda_last_layer_scores(f, p, y, s, backend="host_emulation")
     return paths
 
 
 def relative_errors(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return (scores.double().cpu() - reference).abs() / reference.abs()
+    return (scores.double() - reference).abs() / reference.abs()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     classifier = obtain_classifier(cfg, split, device, output_dir(args.out), args.classifier, args.progress)
     detector = GradientMahalanobis(classifier, cfg.detector).fit(
         embed(classifier, split.train, device, keep_images=False), torch.from_numpy(split.train.labels))
-    pick = np.random.default_rng(cfg.seed).permutation(len(split.test))[:args.samples]
-    is_novel = split.test.labels[np.sort(pick)] >= len(split.known_classes)
+    pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(split.test))[:args.samples])
+    is_novel = split.test.labels[pick] >= len(split.known_classes)
     if is_novel.all() or not is_novel.any():
         parser.error(f"--samples {args.samples} drew {int(is_novel.sum())} novel of {len(pick)} test images; "
                      "the AUROC needs both known and novel ones: draw more")
-    test = embed(classifier, split.test.subset(np.sort(pick)), device, keep_images=False)
+    test = embed(classifier, split.test.subset(pick), device, keep_images=False)
     features, probs = test.features.float(), test.logits.float().softmax(dim=1)
     means, precision = detector.gaussian.means.double().cpu(), detector.gaussian.precision.double().cpu()
     label_modes = {"predicted": probs.argmax(dim=1),
@@ -97,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         stats = prepare_last_layer_stats(means.to(device), precision.to(device), variant)
         for name, path in paths.items():
-            if name == "cuda_fused" and not isinstance(path, str) and PRECISION_VARIANTS[variant].parts != 1:
-                path = f"the CUDA C kernel reads P in one part, not {variant}"
+            if name == "cuda_fused" and not isinstance(path, str):
+                path = cuda_precision_refusal(variant) or path
             if isinstance(path, str):
                 rows.append([name, variant, "-", "-", "-", "-", path])
                 continue

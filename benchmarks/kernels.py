@@ -41,6 +41,7 @@ from edge_runtime.models.base import FrozenClassifier  # noqa: E402
 from edge_runtime.models.resnet import CifarResNet  # noqa: E402
 from edge_runtime.models.small_cnn import small_cnn  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
+from kernels.cuda_build import cuda_precision_refusal  # noqa: E402
 from kernels.dispatch import score_last_layer, unavailable_reason  # noqa: E402
 from kernels.reference import (  # noqa: E402
     PRECISION_VARIANTS,
@@ -162,8 +163,8 @@ def implementations(case: Case, stats: LastLayerStats, variant: str,
     found["closed_form"] = (lambda: closed_form_scores(case.features, case.probs, case.labels, stats), sizes.batch)
     for name in ("triton_fused", "cuda_fused"):
         reason = unavailable_reason(name, device)
-        if name == "cuda_fused" and reason is None and len(stats.precision_parts) != 1:
-            reason = f"the CUDA C kernel reads P in one part, not {variant}"
+        if name == "cuda_fused" and reason is None:
+            reason = cuda_precision_refusal(variant)
         found[name] = reason or (
             lambda name=name: score_last_layer(case.features, case.probs, case.labels, stats, impl=name)[0],
             sizes.batch)

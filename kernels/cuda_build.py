@@ -140,6 +140,18 @@ def load_cuda_kernels(backend: str = "auto") -> CudaKernels:
     raise ConfigError(f"CUDA backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
+def cuda_precision_refusal(variant: str) -> str | None:
+    """Why the CUDA C kernel cannot score stats of precision `variant`, or None when it can.
+
+    It reads the stored matrix in one part; the split variants are for matrix units (Triton, torch).
+    """
+    if PRECISION_VARIANTS[variant].parts == 1:
+        return None
+    one_part = ", ".join(repr(name) for name, other in PRECISION_VARIANTS.items() if other.parts == 1)
+    return (f"the CUDA C kernel reads P in one part; variant {variant!r} is for Triton and torch; "
+            f"prepare the stats as one of {one_part}")
+
+
 def cuda_last_layer_scores(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, stats: LastLayerStats,
                            backend: str = "auto") -> torch.Tensor:
     """Gradient Mahalanobis scores [B] through the CUDA C kernel; float32 arithmetic throughout.
@@ -151,11 +163,10 @@ def cuda_last_layer_scores(features: torch.Tensor, probs: torch.Tensor, labels: 
     median in brackets): fp32 3e-6 (9e-8), fp16w 6e-4 (2e-5), fp16 2e-3 (3e-5), bf16w 4e-3 (1e-4),
     bf16 2e-2 (6e-4).
     """
+    refusal = cuda_precision_refusal(stats.variant)
+    if refusal is not None:
+        raise ConfigError(refusal)
     spec = PRECISION_VARIANTS[stats.variant]
-    if spec.parts != 1:
-        one_part = ", ".join(repr(name) for name, other in PRECISION_VARIANTS.items() if other.parts == 1)
-        raise ConfigError(f"the CUDA C kernel reads P in one part; variant {stats.variant!r} is for Triton "
-                          f"and torch; prepare the stats as one of {one_part}")
     kernels = load_cuda_kernels(backend)
     operands = kernel_operands(features, probs, labels, stats)
     tiles = score_tiles(stats.num_classes, stats.feature_dim, SCORE_TILE_K).to(stats.device)

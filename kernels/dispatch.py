@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edge_runtime.errors import ConfigError, InputError
+from kernels.cuda_build import cuda_batched_outer, cuda_last_layer_scores, cuda_precision_refusal
 from kernels.reference import (
     PRECISION_VARIANTS,
     LastLayerStats,
@@ -64,7 +65,7 @@ def pick_score_implementation(device: torch.device | str, variant: str = "fp32")
         return "closed_form"
     if unavailable_reason("triton_fused", device) is None:
         return "triton_fused"
-    return "cuda_fused" if PRECISION_VARIANTS[variant].parts == 1 else "closed_form"
+    return "closed_form" if cuda_precision_refusal(variant) else "cuda_fused"
 
 
 def pick_gradient_implementation(device: torch.device | str) -> str:
@@ -99,8 +100,6 @@ def score_last_layer(features: torch.Tensor, probs: torch.Tensor, labels: torch.
 
         return fused_last_layer_scores(features, probs, labels, stats), chosen
     if chosen == "cuda_fused":
-        from kernels.cuda_build import cuda_last_layer_scores
-
         return cuda_last_layer_scores(features, probs, labels, stats), chosen
     return closed_form_scores(features, probs, labels, stats), chosen
 
@@ -137,8 +136,6 @@ def per_sample_weight_gradients(layer: nn.Module, inputs: torch.Tensor, grad_out
 
         product = batched_outer(flat_grad, columns)
     elif impl == "cuda":
-        from kernels.cuda_build import cuda_batched_outer
-
         product = cuda_batched_outer(flat_grad, columns)
     else:
         product = batched_outer_product(flat_grad.float(), columns.float())
