@@ -195,6 +195,13 @@ class BinaryHeadConfig:
     pseudo_label_fraction: float = _field(0.25, gt=0.0, le=0.5)
     batch_size: int = _field(64, gt=0, description="mini-batch size of the head's training")
     width: int = _field(32, gt=0, le=1024, description="paper_cnn base channels / feature_head hidden units")
+    layer_stats: tuple[str, ...] = _field(
+        (), description="feature_head: classifier conv submodules (dotted names) whose per-channel mean and std "
+        "join the head's input beside the penultimate features and log-softmax")
+
+    def __attrs_post_init__(self) -> None:
+        if self.layer_stats and self.arch != "feature_head":
+            raise _Refusal(f"layer_stats feeds a feature_head; arch {self.arch!r} reads pixels")
 
 
 @_section
@@ -421,12 +428,26 @@ def _build(cls: type[SectionT], raw: dict[Any, Any], path: tuple[str, ...]) -> S
     if missing:
         raise ConfigError(f"{_dotted(path, missing[0])}: required, but missing")
     hints = _hints(cls)
-    values = {name: _structure(hints[name], raw[name], (*path, name)) for name in names if name in raw}
+    values = {field.name: _structure(hints[field.name], _over_default(field, raw[field.name]), (*path, field.name))
+              for field in fields if field.name in raw}
     try:
         return cls(**values)
     except _Refusal as refusal:
         located = _dotted(path, refusal.key)
         raise ConfigError(f"{located}: {refusal.problem}" if located else refusal.problem) from None
+
+
+def _over_default(field: attrs.Attribute, value: Any) -> Any:
+    """A mapping given for a section field, laid over that field's own default section: a partial
+    `detector.pu_head` keeps the memory_pu recipe rather than falling back to BinaryHeadConfig's."""
+    default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+    if not (attrs.has(type(default)) and isinstance(value, dict)):
+        return value
+    merged = config_to_dict(default)
+    for key, item in value.items():
+        merged[key] = _over_default(attrs.fields_dict(type(default))[key], item) \
+            if key in merged and isinstance(item, dict) else item
+    return merged
 
 
 def _structure(hint: Any, value: Any, path: tuple[str, ...]) -> Any:

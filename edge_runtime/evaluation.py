@@ -114,8 +114,8 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
         ssl_cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode=mode))
         for target in targets:
             detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)
-            known_obs = embed(classifier, known_test_set(split), device, keep_images=detector.keep_images)
-            target_test = embed(classifier, target.test, device, keep_images=detector.keep_images)
+            known_obs = _embed_for(detector, classifier, known_test_set(split), device)
+            target_test = _embed_for(detector, classifier, target.test, device)
             name = f"{detector.name}_{mode}"
             for protocol in PROTOCOLS:
                 idd = score_by_protocol(detector, known_obs, protocol, cfg.stream.batch_size)
@@ -124,7 +124,7 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
                 if protocol == "per_sample" and target is targets[0]:
                     histograms[name] = (idd, ood)
             if target.name == split.novel_class:
-                test = embed(classifier, split.test, device, keep_images=detector.keep_images)
+                test = _embed_for(detector, classifier, split.test, device)
                 metrics.update(router_metrics(detector, detector.threshold, split, test, cfg.stream.batch_size,
                                               cfg.memory.budget, tag, name))
     if histograms:
@@ -142,11 +142,17 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
     """
     detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
     memory, stream = adaptation_data(cfg, split, target.stream_pool)
-    detector.set_memory(embed(classifier, memory, device, keep_images=detector.keep_images),
+    detector.set_memory(_embed_for(detector, classifier, memory, device),
                         torch.from_numpy(memory.labels))
     for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
-        detector.observe(embed(classifier, batch, device, keep_images=detector.keep_images))
+        detector.observe(_embed_for(detector, classifier, batch, device))
     return detector
+
+
+def _embed_for(detector: SelfSupervisedDetector, classifier: FrozenClassifier, data: ImageSet,
+               device: torch.device) -> Observations:
+    """Embed with what `detector` keeps: pixels for a pixel head, layer statistics for a head reading them."""
+    return embed(classifier, data, device, keep_images=detector.keep_images, stat_layers=detector.stat_layers)
 
 
 def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, list[ImageSet]]:

@@ -69,14 +69,16 @@ def _load_ood(ood: OODSetConfig, cache_dir: str, progress: bool) -> ImageSet:
 
 @torch.no_grad()
 def embed(classifier: FrozenClassifier, data: ImageSet, device: torch.device,
-          batch_size: int = 512, keep_images: bool = True) -> Observations:
-    """Run the frozen classifier over a whole image set, in batches, and collect its outputs."""
+          batch_size: int = 512, keep_images: bool = True, stat_layers: tuple[str, ...] = ()) -> Observations:
+    """Run the frozen classifier over a whole image set, in batches, and collect its outputs
+    (with the statistics of `stat_layers`, see FrozenClassifier.embed_with_stats)."""
     classifier.eval().to(device)
     parts = []
     for start in range(0, len(data), batch_size):
         x = to_tensor(data.images[start:start + batch_size], device)
-        features, logits = classifier.embed(x)
-        parts.append(Observations(x.cpu() if keep_images else None, features.float().cpu(), logits.float().cpu()))
+        features, logits, stats = classifier.embed_with_stats(x, stat_layers)
+        parts.append(Observations(x.cpu() if keep_images else None, features.float().cpu(), logits.float().cpu(),
+                                  None if stats is None else stats.float().cpu()))
     if not parts:
         raise ValueError(f"{data.name}: nothing to embed (empty image set)")
     return Observations.concat(parts)

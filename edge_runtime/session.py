@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from edge_runtime.config import RunConfig, config_from_dict, config_to_dict, load_config
-from edge_runtime.continual.learner import NovelClassLearner, RoundReport, needs_pixels
+from edge_runtime.continual.learner import NovelClassLearner, RoundReport, needs_pixels, stat_layers
 from edge_runtime.continual.memory import Footprint, RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.transforms import conform, to_tensor
@@ -74,14 +74,16 @@ class Session:
         memory = conform(memory, config.model.input_size, config.model.in_channels)
         if len(memory) == 0 or memory.labels.min() < 0 or memory.labels.max() >= len(known_classes):
             raise InputError(f"memory {memory.name!r} needs at least one image, with labels in 0..{len(known_classes) - 1}")
+        chunks = [memory.subset(np.arange(start, min(start + config.session.max_batch, len(memory))))
+                  for start in range(0, len(memory), config.session.max_batch)]
+        embedded = [self._embed(to_tensor(chunk.images, self.device)) for chunk in chunks]
+        stats_dim = None if embedded[0].stats is None else embedded[0].stats.shape[1]  # known once the classifier ran
         self.memory = RehearsalMemory(config.memory.budget, config.memory.policy,
                                       memory.images.shape[1:] if self.keep_pixels else None, config.seed,
-                                      (classifier.feature_dim, classifier.num_classes))
-        for start in range(0, len(memory), config.session.max_batch):
-            chunk = memory.subset(np.arange(start, min(start + config.session.max_batch, len(memory))))
-            seen = self._embed(to_tensor(chunk.images, self.device))
-            self.memory.add(chunk.images if self.keep_pixels else None, chunk.labels,
-                            seen.features.numpy(), seen.logits.numpy())
+                                      (classifier.feature_dim, classifier.num_classes), stats_dim)
+        for chunk, seen in zip(chunks, embedded):
+            self.memory.add(chunk.images if self.keep_pixels else None, chunk.labels, seen.features.numpy(),
+                            seen.logits.numpy(), None if seen.stats is None else seen.stats.numpy())
         self.learner = NovelClassLearner(config, self.classifier, tuple(known_classes), self.memory, progress)
         self.learner.add_novel_class(novel_class)
         self.observed = 0
@@ -174,7 +176,7 @@ class Session:
             session.learner = NovelClassLearner(config, session.classifier, known_classes, session.memory, progress)
             session.learner.load_state_dict(state["learner"])
             session.observed, session.rounds = int(state["observed"]), int(state["rounds"])
-            session._pending = [Observations(batch.get("images"), batch["features"], batch["logits"])
+            session._pending = [Observations(batch.get("images"), batch["features"], batch["logits"], batch.get("stats"))
                                 for batch in state["pending"]]
         except (ConfigError, StateError, AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             # Inner parts (memory, heads) name what is wrong but not the file: name it here.
@@ -187,11 +189,12 @@ class Session:
         self.device = resolve_device(config.device) if device is None else torch.device(device)
         self.classifier = classifier.eval().to(self.device)
         self.keep_pixels = needs_pixels(config.detector)
+        self.stat_layers = stat_layers(config.detector)
         self._lock = threading.RLock()  # the learner state; re-entrant: observe() runs adapt() holding it
 
     def _state(self) -> dict[str, Any]:
-        pending = [{key: value for key, value in (("images", b.images), ("features", b.features), ("logits", b.logits))
-                    if value is not None} for b in self._pending]
+        pending = [{key: value for key, value in (("images", b.images), ("features", b.features), ("logits", b.logits),
+                                                  ("stats", b.stats)) if value is not None} for b in self._pending]
         return {"config": config_to_dict(self.config), "known_classes": list(self.learner.known_classes),
                 "classifier": dict(self.classifier.state_dict()), "memory": self.memory.state_dict(),
                 "learner": self.learner.state_dict(), "observed": self.observed, "rounds": self.rounds,
@@ -233,10 +236,11 @@ class Session:
 
     @torch.no_grad()
     def _embed(self, pixels: torch.Tensor) -> Observations:
-        """The frozen classifier's features and logits (on the host, where the heads run)."""
-        features, logits = self.classifier.embed(pixels)
+        """The frozen classifier's features, logits and layer statistics (on the host, where the heads run)."""
+        features, logits, stats = self.classifier.embed_with_stats(pixels, self.stat_layers)
         images = pixels.cpu() if self.keep_pixels else None
-        return Observations(images, features.float().cpu(), logits.float().cpu())
+        return Observations(images, features.float().cpu(), logits.float().cpu(),
+                            None if stats is None else stats.float().cpu())
 
 
 def _fresh_classifier(config: RunConfig, num_classes: int) -> FrozenClassifier:

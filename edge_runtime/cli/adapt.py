@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = adapt_session(session, stream, args.progress, log)
     state_bytes = session.save(out / STATE_FILE)
     write_rounds(rounds, out / ROUNDS_FILE)
-    test = embed(classifier, split.test, device, keep_images=session.keep_pixels)
+    test = embed(classifier, split.test, device, keep_images=session.keep_pixels, stat_layers=session.stat_layers)
     accuracy = session_accuracy(session, test, split.test.labels, cfg.stream.batch_size)
 
     tag = dataset_tag(cfg, split)

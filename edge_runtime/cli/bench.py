@@ -28,7 +28,7 @@ from tqdm import tqdm
 from edge_runtime.atomic import write_text_atomic
 from edge_runtime.cli.common import add_run_arguments, config_from_args
 from edge_runtime.config import RunConfig, config_to_dict, with_overrides
-from edge_runtime.continual.learner import needs_pixels
+from edge_runtime.continual.learner import needs_pixels, stat_layers
 from edge_runtime.data.catalog import CATALOG, CIFAR10_CLASSES
 from edge_runtime.detectors.base import PROTOCOLS
 from edge_runtime.device import resolve_device
@@ -173,7 +173,8 @@ def measure_novel_class(cfg: RunConfig, name: str, budgets: tuple[int, ...], cla
     classifier = obtain_classifier(cfg, split, device, class_dir, str(saved) if saved.exists() else None, progress)
     tag = dataset_tag(cfg, split)
     labels = split.test.labels
-    test = embed(classifier, split.test, device, keep_images=needs_pixels(cfg.detector))
+    test = embed(classifier, split.test, device, keep_images=needs_pixels(cfg.detector),
+                 stat_layers=stat_layers(cfg.detector))
     known = labels < len(split.known_classes)
     # The ceiling of single-head accuracy: the classifier's argmax on the known test images, as the session sees it.
     metrics = {metric_key("idd_acc", tag, name): float((test.logits[known].argmax(dim=1).numpy() == labels[known]).mean())}

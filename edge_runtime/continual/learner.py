@@ -46,6 +46,13 @@ def needs_pixels(config: DetectorConfig) -> bool:
     return config.name not in FEATURE_ONLY_DETECTORS
 
 
+def stat_layers(config: DetectorConfig) -> tuple[str, ...]:
+    """The classifier layers whose statistics the configured head reads (SelfSupervisedDetector.stat_layers)."""
+    if config.name != ADAPTIVE_DETECTOR:
+        return ()
+    return (config.binary if config.ssl_mode == "paper" else config.pu_head).layer_stats
+
+
 @dataclass(frozen=True)
 class Routing:
     """The learner's decision for a batch.
@@ -397,7 +404,7 @@ class NovelClassLearner:
         if self.memory.images is not None:
             images = (samples.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         self.memory.add(images, torch.full((len(chosen),), label).numpy(), samples.features.numpy(),
-                        samples.logits.numpy())
+                        samples.logits.numpy(), None if self.memory.stats is None else samples.stats.numpy())
 
     def state_dict(self) -> dict[str, Any]:
         return {"novel_classes": list(self.novel_classes), "heads": [head.state_dict() for head in self.heads]}

@@ -3,7 +3,8 @@
 The memory is the only labelled data the runtime holds after deployment, so it doubles as the
 known-IDD reference for thresholds and as positives for the novelty head. It stores what the
 runtime needs of each sample: the pixels (uint8, when a detector looks at them), the frozen
-classifier's features and logits (so refitting a head never reruns the backbone), and the label.
+classifier's features and logits (so refitting a head never reruns the backbone), the layer
+statistics a head may read beside them, and the label.
 """
 
 from __future__ import annotations
@@ -36,22 +37,25 @@ class RehearsalMemory:
     `reservoir` keeps a uniform sample of everything offered (Vitter's algorithm R);
     `class_balanced` keeps equal shares per class, evicting from the largest class first.
     `image_shape` None stores no pixels; `embedding_dims` (D, C) also stores features [D] and
-    logits [C] per sample.
+    logits [C] per sample, and `stats_dim` S layer statistics [S] (Observations.stats) with them.
     """
 
     def __init__(self, budget: int, policy: str, image_shape: tuple[int, int, int] | None, seed: int = 0,
-                 embedding_dims: tuple[int, int] | None = None) -> None:
+                 embedding_dims: tuple[int, int] | None = None, stats_dim: int | None = None) -> None:
         if budget <= 0:
             raise ValueError(f"memory budget must be positive, got {budget}")
         if policy not in POLICIES:
             raise ValueError(f"memory policy must be one of {POLICIES}, got {policy!r}")
         if image_shape is None and embedding_dims is None:
             raise ValueError("a memory must store images, embeddings or both")
+        if stats_dim is not None and embedding_dims is None:
+            raise ValueError("layer statistics are stored with embeddings: give embedding_dims too")
         self.budget = budget
         self.policy = policy
         self.images = None if image_shape is None else np.zeros((budget, *image_shape), dtype=np.uint8)
         self.features = None if embedding_dims is None else np.zeros((budget, embedding_dims[0]), dtype=np.float32)
         self.logits = None if embedding_dims is None else np.zeros((budget, embedding_dims[1]), dtype=np.float32)
+        self.stats = None if stats_dim is None else np.zeros((budget, stats_dim), dtype=np.float32)
         self.labels = np.full(budget, -1, dtype=np.int64)
         self.size = 0
         self.seen = 0
@@ -59,9 +63,9 @@ class RehearsalMemory:
         self._working_copy: Observations | None = None
 
     def add(self, images: np.ndarray | None, labels: np.ndarray, features: np.ndarray | None = None,
-            logits: np.ndarray | None = None) -> None:
+            logits: np.ndarray | None = None, stats: np.ndarray | None = None) -> None:
         """Offer labelled samples (with whatever this memory stores of them); the policy decides which stay."""
-        rows = {"images": images, "features": features, "logits": logits}
+        rows = {"images": images, "features": features, "logits": logits, "stats": stats}
         for name, values in rows.items():
             stored = getattr(self, name)
             if (stored is None) != (values is None):
@@ -112,8 +116,9 @@ class RehearsalMemory:
         copy = self._working_copy
         if copy is None or copy.features.device != device:
             images = None if self.images is None else to_tensor(self.images[: self.size], device)
-            copy = Observations(images, torch.from_numpy(self.features[: self.size].copy()).to(device),
-                                torch.from_numpy(self.logits[: self.size].copy()).to(device))
+            features, logits, stats = (None if array is None else torch.from_numpy(array[: self.size].copy()).to(device)
+                                       for array in (self.features, self.logits, self.stats))
+            copy = Observations(images, features, logits, stats)
             self._working_copy = copy
         return copy
 
@@ -124,13 +129,14 @@ class RehearsalMemory:
     @property
     def nbytes(self) -> int:
         """Host bytes held by the stored arrays (the whole budget is allocated up front)."""
-        arrays = (self.images, self.features, self.logits, self.labels)
+        arrays = (self.images, self.features, self.logits, self.stats, self.labels)
         return sum(array.nbytes for array in arrays if array is not None)
 
     def footprint(self) -> Footprint:
         """The stored arrays plus the working copy handed to detectors, by where they live."""
         copy = self._working_copy
-        tensors = [] if copy is None else [t for t in (copy.images, copy.features, copy.logits) if t is not None]
+        tensors = [] if copy is None else [t for t in (copy.images, copy.features, copy.logits, copy.stats)
+                                           if t is not None]
         on_device = sum(t.nbytes for t in tensors if t.device.type != "cpu")
         on_host = sum(t.nbytes for t in tensors if t.device.type == "cpu")
         return Footprint(self.nbytes + on_host, on_device)
@@ -138,16 +144,17 @@ class RehearsalMemory:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: stored rows, counters and the policy's random state."""
         arrays = {name: torch.from_numpy(getattr(self, name).copy())
-                  for name in ("images", "features", "logits", "labels") if getattr(self, name) is not None}
+                  for name in ("images", "features", "logits", "stats", "labels") if getattr(self, name) is not None}
         return {"budget": self.budget, "policy": self.policy, "size": self.size, "seen": self.seen,
                 "rng": self._rng.bit_generator.state, "arrays": arrays}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "RehearsalMemory":
         arrays = {name: tensor.numpy() for name, tensor in state["arrays"].items()}
-        images, features = arrays.get("images"), arrays.get("features")
+        images, features, stats = arrays.get("images"), arrays.get("features"), arrays.get("stats")
         memory = cls(int(state["budget"]), state["policy"], None if images is None else images.shape[1:], 0,
-                     None if features is None else (features.shape[1], arrays["logits"].shape[1]))
+                     None if features is None else (features.shape[1], arrays["logits"].shape[1]),
+                     None if stats is None else stats.shape[1])
         for name, array in arrays.items():
             target = getattr(memory, name)
             if target is None or target.shape != array.shape:

@@ -37,6 +37,9 @@ def export_session_bundle(session: Session, out_dir: str | os.PathLike, opset: i
     if not head.ready:
         raise StateError(f"novel class {learner.novel_classes[0]!r} has not adapted yet: nothing decides novelty")
     detector_config = session.config.detector
+    if session.stat_layers:
+        raise ConfigError(f"this session's heads read the statistics of layers {list(session.stat_layers)}; the "
+                          f"bundle's graph outputs features and logits only, so the runner could not feed them")
     if isinstance(head, AdaptiveHead) and head.detector.mode == "memory_pu":
         decision = {"heads": [feature_head_weights(binary) for binary in head.detector.pu_heads]}
     elif isinstance(head, StaticHead) and detector_config.name == "grad_mahalanobis" \

@@ -17,24 +17,29 @@ class Observations:
     """What the frozen classifier saw and produced for one batch.
 
     images are [0,1] NCHW (kept for detectors that look at pixels, e.g. the paper's binary
-    classifier); features [B, D] and logits [B, C] come from `FrozenClassifier.embed`.
+    classifier); features [B, D] and logits [B, C] come from `FrozenClassifier.embed`; stats
+    [B, S] are the per-channel layer statistics of `FrozenClassifier.embed_with_stats`, kept for
+    heads configured with `layer_stats`.
     """
 
     images: torch.Tensor | None
     features: torch.Tensor
     logits: torch.Tensor
+    stats: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.features)
 
     def select(self, index: torch.Tensor) -> "Observations":
         images = None if self.images is None else self.images[index]
-        return Observations(images, self.features[index], self.logits[index])
+        stats = None if self.stats is None else self.stats[index]
+        return Observations(images, self.features[index], self.logits[index], stats)
 
     @staticmethod
     def concat(parts: "list[Observations]") -> "Observations":
         images = None if any(p.images is None for p in parts) else torch.cat([p.images for p in parts])
-        return Observations(images, torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]))
+        stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
+        return Observations(images, torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]), stats)
 
 
 class Detector(ABC):

@@ -2,8 +2,9 @@
 
 Two architectures: `paper_cnn` looks at pixels, as the seed paper does (3 conv layers, one
 BatchNorm, sigmoid output); `feature_head` looks at what the frozen classifier already computed
-(penultimate features and the log-softmax of its logits), which is cheaper and sees what the
-classifier itself finds unfamiliar. Each `fit` starts from a fresh, seeded initialisation, so a
+(penultimate features and the log-softmax of its logits, plus per-channel statistics of earlier
+layers when `layer_stats` names them), which is cheaper and sees what the classifier itself finds
+unfamiliar. Each `fit` starts from a fresh, seeded initialisation, so a
 round never inherits a previous round's mistakes.
 """
 
@@ -116,16 +117,15 @@ class BinaryHead:
     @torch.no_grad()
     def predict(self, batch: Observations, use_batch_stats: bool = False) -> torch.Tensor:
         """P(OOD) [B], float32; `use_batch_stats` only changes the paper CNN's BatchNorm."""
-        inputs = self._inputs(batch)
-        network = self._trained().to(inputs.device)
+        network, inputs = self._trained_with_inputs(batch)
         logits = network(inputs, use_batch_stats)
         return torch.sigmoid(logits).float()
 
     @torch.no_grad()
     def logit(self, batch: Observations) -> torch.Tensor:
         """The pre-sigmoid output [B] with per-sample normalisation: a score that does not saturate."""
-        inputs = self._inputs(batch)
-        return self._trained().to(inputs.device)(inputs, False).float()
+        network, inputs = self._trained_with_inputs(batch)
+        return network(inputs, False).float()
 
     def state_dict(self) -> dict[str, Any]:
         network = self._trained()
@@ -148,7 +148,13 @@ class BinaryHead:
             if batch.images is None:
                 raise InputError("binary head 'paper_cnn' needs batch.images, but the Observations carry none")
             return batch.images.float()
-        return torch.cat([batch.features, batch.logits.log_softmax(dim=1)], dim=1).float()
+        parts = [batch.features, batch.logits.log_softmax(dim=1)]
+        if self.config.layer_stats:
+            if batch.stats is None:
+                raise InputError(f"this feature head reads the statistics of layers {list(self.config.layer_stats)}, "
+                                 f"but the Observations carry none (embed with those stat_layers)")
+            parts.append(batch.stats)
+        return torch.cat(parts, dim=1).float()
 
     def _new_network(self, inputs: torch.Tensor) -> PaperCNN | FeatureHead:
         self.in_dim = inputs.shape[1]
@@ -160,6 +166,13 @@ class BinaryHead:
         if self.arch == "paper_cnn":
             return PaperCNN(in_dim, self.config.width)
         return FeatureHead(in_dim, self.config.width)
+
+    def _trained_with_inputs(self, batch: Observations) -> tuple[PaperCNN | FeatureHead, torch.Tensor]:
+        """The trained network, on the device of `batch`'s inputs, and those inputs checked against it."""
+        network, inputs = self._trained(), self._inputs(batch)
+        if self.arch == "feature_head" and inputs.shape[1] != self.in_dim:
+            raise InputError(f"this feature head was trained on {self.in_dim} inputs per sample, got {inputs.shape[1]}")
+        return network.to(inputs.device), inputs
 
     def _trained(self) -> PaperCNN | FeatureHead:
         if self.network is None:

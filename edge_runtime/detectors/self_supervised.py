@@ -63,8 +63,9 @@ class SelfSupervisedDetector(Detector):
         self.seed = seed
         self.progress = progress
         self.gradient = GradientMahalanobis(classifier, config, seed, progress)
-        head_arch = config.binary.arch if self.mode == "paper" else config.pu_head.arch
-        self.keep_images = head_arch == "paper_cnn" or config.site == "last_conv"
+        head_config = config.binary if self.mode == "paper" else config.pu_head
+        self.keep_images = head_config.arch == "paper_cnn" or config.site == "last_conv"
+        self.stat_layers = head_config.layer_stats  # what Observations must carry (FrozenClassifier.embed_with_stats)
         self.pool: Observations | None = None
         self.memory: Observations | None = None
         self.paper_head: BinaryHead | None = None
@@ -232,8 +233,12 @@ class SelfSupervisedDetector(Detector):
         """What the pool keeps of a batch: pixels only when a head or the gradient site needs them."""
         if self.keep_images and batch.images is None:
             raise InputError("this detector's head or gradient site needs batch.images, but the Observations carry none")
+        if self.stat_layers and batch.stats is None:
+            raise InputError(f"this detector's head reads the statistics of layers {list(self.stat_layers)}, but the "
+                             f"Observations carry none")
         images = batch.images.detach() if self.keep_images else None
-        return Observations(images, batch.features.detach(), batch.logits.detach())
+        stats = batch.stats.detach() if self.stat_layers else None
+        return Observations(images, batch.features.detach(), batch.logits.detach(), stats)
 
     def _trained_paper_head(self) -> BinaryHead:
         if self.paper_head is None:
@@ -269,12 +274,13 @@ def _observations_state(obs: Observations | None) -> dict[str, torch.Tensor] | N
     if obs is None:
         return None
     state = {"features": obs.features.cpu(), "logits": obs.logits.cpu()}
-    if obs.images is not None:
-        state["images"] = obs.images.cpu()
+    for name, optional in (("images", obs.images), ("stats", obs.stats)):
+        if optional is not None:
+            state[name] = optional.cpu()
     return state
 
 
 def _observations_from_state(state: dict[str, torch.Tensor] | None) -> Observations | None:
     if state is None:
         return None
-    return Observations(state.get("images"), state["features"], state["logits"])
+    return Observations(state.get("images"), state["features"], state["logits"], state.get("stats"))

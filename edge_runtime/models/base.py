@@ -7,6 +7,8 @@ import threading
 import torch
 from torch import nn
 
+from edge_runtime.errors import ConfigError
+
 
 class Normalize(nn.Module):
     """Per-channel standardisation stored inside the model, so exports take [0,1] pixels as-is."""
@@ -52,21 +54,58 @@ class FrozenClassifier(nn.Module):
         return self.network(x)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, D], logits [B, C]) for pixels x in [0, 1], NCHW.
+        """(features [B, D], logits [B, C]) for pixels x in [0, 1], NCHW."""
+        features, logits, _ = self.embed_with_stats(x, ())
+        return features, logits
 
-        Safe to call from several threads: the hook keeps only the final layer's input of the
-        forward pass running in the calling thread.
+    def embed_with_stats(self, x: torch.Tensor, stat_layers: tuple[str, ...]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`embed` plus, when `stat_layers` names conv submodules, their outputs' per-channel mean
+        and standard deviation over space, concatenated in order ([B, 2 x channels], else None).
+
+        Early layers describe colour, sharpness and texture, which the penultimate features of a
+        classifier trained to ignore them no longer carry; a novelty head can read both from one
+        forward pass. Safe to call from several threads: hooks keep only the calling thread's pass.
         """
-        captured: list[torch.Tensor] = []
         caller = threading.get_ident()
+        names = (self.final_layer_name, *stat_layers)
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
-        def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            if threading.get_ident() == caller:
-                captured.append(inputs[0])
+        def capturing(name: str, take_input: bool):
+            def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                if threading.get_ident() == caller:
+                    captured[name].append(inputs[0] if take_input else output)
+            return capture
 
-        handle = self.final_linear.register_forward_hook(capture)
+        handles = [self.final_linear.register_forward_hook(capturing(self.final_layer_name, True))]
         try:
+            handles += [self._stat_layer(name).register_forward_hook(capturing(name, False)) for name in stat_layers]
             logits = self.network(x)
         finally:
-            handle.remove()
-        return captured[0].flatten(1), logits
+            for handle in handles:
+                handle.remove()
+        features = captured[self.final_layer_name][0].flatten(1)
+        if not stat_layers:
+            return features, logits, None
+        return features, logits, torch.cat([_channel_stats(name, captured[name]) for name in stat_layers], dim=1)
+
+    def _stat_layer(self, name: str) -> nn.Module:
+        try:
+            return self.network.get_submodule(name)
+        except AttributeError:
+            top = ", ".join(child for child, _ in self.network.named_children())
+            raise ConfigError(f"layer_stats names {name!r}, which is not a submodule of the classifier "
+                              f"(its top-level modules: {top})") from None
+
+
+def _channel_stats(name: str, outputs: list[torch.Tensor]) -> torch.Tensor:
+    """[B, 2C]: per-channel mean and (population) standard deviation of one [B, C, H, W] output."""
+    if len(outputs) != 1:
+        raise ConfigError(f"layer_stats layer {name!r} ran {len(outputs)} times in one forward pass; "
+                          f"name a module that runs once")
+    output = outputs[0]
+    if output.ndim != 4:
+        raise ConfigError(f"layer_stats layer {name!r} outputs shape {tuple(output.shape)}; "
+                          f"it needs a conv layer's [B, C, H, W]")
+    flat = output.flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2, correction=0)], dim=1)
