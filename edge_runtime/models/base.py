@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,26 +69,27 @@ class FrozenClassifier(nn.Module):
         forward pass. Safe to call from several threads: hooks keep only the calling thread's pass.
         """
         caller = threading.get_ident()
-        names = (self.final_layer_name, *stat_layers)
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        final_inputs: list[torch.Tensor] = []
+        outputs: dict[str, list[torch.Tensor]] = {name: [] for name in stat_layers}
 
-        def capturing(name: str, take_input: bool):
+        def keeping(found: list[torch.Tensor], take_input: bool) -> Callable[..., None]:
             def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
                 if threading.get_ident() == caller:
-                    captured[name].append(inputs[0] if take_input else output)
+                    found.append(inputs[0] if take_input else output)
             return capture
 
-        handles = [self.final_linear.register_forward_hook(capturing(self.final_layer_name, True))]
+        handles = [self.final_linear.register_forward_hook(keeping(final_inputs, True))]
         try:
-            handles += [self._stat_layer(name).register_forward_hook(capturing(name, False)) for name in stat_layers]
+            handles += [self._stat_layer(name).register_forward_hook(keeping(outputs[name], False))
+                        for name in stat_layers]
             logits = self.network(x)
         finally:
             for handle in handles:
                 handle.remove()
-        features = captured[self.final_layer_name][0].flatten(1)
+        features = final_inputs[0].flatten(1)
         if not stat_layers:
             return features, logits, None
-        return features, logits, torch.cat([_channel_stats(name, captured[name]) for name in stat_layers], dim=1)
+        return features, logits, torch.cat([_channel_stats(name, outputs[name]) for name in stat_layers], dim=1)
 
     def _stat_layer(self, name: str) -> nn.Module:
         try:
