@@ -90,8 +90,9 @@ def score_by_protocol(detector: Detector, obs: Observations, protocol: str, batc
 
 def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: NovelClassSplit,
                        targets: list[OODTarget], device: torch.device, tag: str, out_dir: Path,
-                       progress: bool = True) -> dict[str, float]:
-    """Detection metrics of every detector per target and protocol, plus the 9+1 router's accuracy."""
+                       progress: bool = True, ssl_modes: tuple[str, ...] = SSL_MODES) -> dict[str, float]:
+    """Detection metrics of every detector per target and protocol, plus the 9+1 router's accuracy;
+    the self-supervised detector in each of `ssl_modes`."""
     known_fit = embed(classifier, split.train, device, keep_images=False)
     labels = torch.from_numpy(split.train.labels)
     known_test = embed(classifier, known_test_set(split), device, keep_images=False)
@@ -110,7 +111,7 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
                     histograms[name] = (idd, ood)
     if split.novel_class is not None:
         metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
-    for mode in SSL_MODES:
+    for mode in ssl_modes:
         ssl_cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode=mode))
         for target in targets:
             detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)

@@ -8,7 +8,8 @@ from pathlib import Path
 from edge_runtime.cli.common import add_run_arguments, config_from_args
 from edge_runtime.config import RunConfig, config_to_dict
 from edge_runtime.device import resolve_device
-from edge_runtime.evaluation import auroc_tables, evaluate_detectors, ood_targets, router_table
+from edge_runtime.errors import ConfigError
+from edge_runtime.evaluation import SSL_MODES, auroc_tables, evaluate_detectors, ood_targets, router_table
 from edge_runtime.experiment import dataset_tag, known_test_set, obtain_classifier, output_dir, prepare_data
 from edge_runtime.metrics import POSITIVE_CLASS_NOTE
 from edge_runtime.results import write_result
@@ -20,14 +21,23 @@ HELP = "evaluate novelty detectors (rows) against OOD sets (columns) under both 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+    parser.add_argument("--ssl-modes", default=",".join(SSL_MODES),
+                        help=f"self-supervised modes to adapt and report, comma-separated (default: all, "
+                             f"{','.join(SSL_MODES)}; the paper's Algorithm 1 retrains a pixel CNN per stream batch, "
+                             f"tens of minutes per OOD set on a CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
-    evaluate_and_report(config_from_args(args), Path(args.out), args.classifier, args.progress)
+    modes = tuple(mode.strip() for mode in args.ssl_modes.split(",") if mode.strip())
+    unknown = [mode for mode in modes if mode not in SSL_MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--ssl-modes takes a comma-separated subset of {', '.join(SSL_MODES)}; got {args.ssl_modes!r}")
+    evaluate_and_report(config_from_args(args), Path(args.out), args.classifier, args.progress, modes)
     return 0
 
 
-def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, progress: bool) -> dict[str, float]:
+def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, progress: bool,
+                        ssl_modes: tuple[str, ...] = SSL_MODES) -> dict[str, float]:
     """Prepare data, get the classifier, evaluate everything, write result.json and print the tables."""
     out = output_dir(out)
     device = resolve_device(cfg.device)
@@ -37,7 +47,7 @@ def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, 
     tag = dataset_tag(cfg, split)
     metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)}
     targets = ood_targets(split, data.ood_sets, cfg.seed)
-    metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress)
+    metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress, ssl_modes)
     write_result(out, config_to_dict(cfg), metrics, device)
 
     print(f"\nknown classes {', '.join(split.known_classes)}; novel class {split.novel_class}; device {device}")
