@@ -1,5 +1,6 @@
 """The console script end to end on the embedded digits set: train, evaluate, demo, and bad input."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -114,3 +115,31 @@ def test_evaluate_adapts_to_an_outside_ood_set(trained, tmp_path, shared_data):
     for protocol in ("per_sample", "homogeneous_batches"):
         assert 0.0 <= metrics[f"auroc/{protocol}/grad_mahalanobis_ssl_memory_pu/digits-9_vs_mnist"] <= 1.0
         assert 0.0 <= metrics[f"auroc/{protocol}/msp/digits-9_vs_mnist"] <= 1.0
+
+
+def test_evaluate_runs_only_the_self_supervised_modes_asked_for(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+            "--classifier", str(trained / "classifier.safetensors"), *QUICK]
+    assert main([*args, "--ssl-modes", "memory_pu,algorithm1"]) == 2
+    assert "--ssl-modes takes a comma-separated subset of memory_pu, paper; got 'memory_pu,algorithm1'" in \
+        capsys.readouterr().err
+    assert main([*args, "--ssl-modes", "memory_pu"]) == 0
+    detectors = {key.split("/")[2] for key in _result(out)["metrics"] if key.startswith("auroc/")}
+    assert "grad_mahalanobis_ssl_memory_pu" in detectors and "grad_mahalanobis_ssl_paper" not in detectors
+
+
+def test_layer_stats_selection_reports_the_label_free_criterion_per_layer_set(trained, tmp_path, check_results):
+    spec = importlib.util.spec_from_file_location("layer_stats_selection", ROOT / "benchmarks/layer_stats_selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_candidates("none, stage1+stage2") == {"none": (), "stage1+stage2": ("stage1", "stage2")}
+    out = tmp_path / "selection"
+    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), "--candidates",
+                       "none,stage1+stage2", "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
+    metrics = _result(out)["metrics"]
+    assert set(metrics) == {f"{metric}/{candidate}/digits-9_vs_9" for metric in ("pu_separation", "stream_auroc")
+                            for candidate in ("none", "stage1-and-stage2")}
+    # The stream holds known digits and 9s in a fixed mix: a separating head gives both well above chance.
+    assert all(0.6 < value <= 1.0 for value in metrics.values())
+    check_results(out)

@@ -77,7 +77,7 @@ def test_adapted_session_learns_the_tenth_digit(adapted, digits, record_property
 
 def test_fold_layout_of_the_round_report_matches_the_detector(adapted):
     head = adapted.learner.heads[-1]
-    memory_scores, _ = head.out_of_fold_scores()
+    memory_scores, _ = head.detector.out_of_fold_scores()
     assert threshold_at_fpr(memory_scores, head.detector.config.target_fpr) == head.threshold
     report = adapted.round_report()
     assert report.round == 3 and report.pool_size == 220

@@ -171,7 +171,7 @@ class AdaptiveHead(NoveltyHead):
         if pool is None or memory is None or not self.ready:
             raise StateError("no adaptation round has run on this head yet (or it is frozen)")
         if detector.mode == "memory_pu":
-            memory_scores, pool_scores = self.out_of_fold_scores()
+            memory_scores, pool_scores = detector.out_of_fold_scores()
             novel_share = float(detector.novel_share)
         else:
             memory_scores, pool_scores = self.score(memory), self.score(pool)
@@ -179,25 +179,6 @@ class AdaptiveHead(NoveltyHead):
         return RoundReport(round_index, len(pool), novel_share,
                            ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"],
                            self._pseudo_label_agreement(memory_scores, pool_scores, novel_share))
-
-    def out_of_fold_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory_pu's kept round, each sample scored by the fold head that did not train on it.
-
-        Uses the fold layout of SelfSupervisedDetector._memory_pu_fit (seeded permutations, memory
-        first); the tests check that these memory scores give back the detector's own threshold.
-        """
-        detector = self.detector
-        folds = len(detector.pu_heads)
-        generator = torch.Generator().manual_seed(detector.seed)
-        memory_folds = torch.randperm(len(detector.memory), generator=generator) % folds
-        pool_folds = torch.randperm(len(detector.pool), generator=generator) % folds
-        memory_scores, pool_scores = torch.zeros(len(detector.memory)), torch.zeros(len(detector.pool))
-        for fold, head in enumerate(detector.pu_heads):
-            held_memory = torch.nonzero(memory_folds == fold).flatten()
-            held_pool = torch.nonzero(pool_folds == fold).flatten()
-            memory_scores[held_memory] = head.logit(detector.memory.select(held_memory)).cpu()
-            pool_scores[held_pool] = head.logit(detector.pool.select(held_pool)).cpu()
-        return memory_scores, pool_scores
 
     def _pseudo_label_agreement(self, memory_scores: torch.Tensor, pool_scores: torch.Tensor,
                                 novel_share: float) -> float:

@@ -145,9 +145,7 @@ class SelfSupervisedDetector(Detector):
         """Rounds of cross-fitted memory-vs-candidates heads; keep the round separating best."""
         memory = self.memory
         folds = self.config.pu_folds
-        generator = torch.Generator().manual_seed(self.seed)
-        memory_folds = torch.randperm(len(memory), generator=generator) % folds
-        pool_folds = torch.randperm(len(pool), generator=generator) % folds
+        memory_folds, pool_folds = self._fold_layout(len(pool), folds)
         gradient_scores = None
         if self.config.pu_ranking == "head_and_gradient":
             gradient_scores = self.gradient.score(pool).cpu()
@@ -169,6 +167,25 @@ class SelfSupervisedDetector(Detector):
         bar.close()
         _, self.pu_heads, memory_scores, self.novel_share = best
         self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
+
+    def out_of_fold_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory, pool) scores of the kept round, each sample scored by the fold head that did not
+        train on it: what the threshold and the round selection were read from."""
+        heads = self._trained_pu_heads()
+        memory_folds, pool_folds = self._fold_layout(len(self.pool), len(heads))
+        memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(self.pool))
+        for fold, head in enumerate(heads):
+            held_memory = torch.nonzero(memory_folds == fold).flatten()
+            held_pool = torch.nonzero(pool_folds == fold).flatten()
+            memory_scores[held_memory] = head.logit(self.memory.select(held_memory)).cpu()
+            pool_scores[held_pool] = head.logit(self.pool.select(held_pool)).cpu()
+        return memory_scores, pool_scores
+
+    def _fold_layout(self, pool_size: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold index of every memory and pool sample, seeded: the same layout for fitting and re-scoring."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return (torch.randperm(len(self.memory), generator=generator) % folds,
+                torch.randperm(pool_size, generator=generator) % folds)
 
     def _cross_fit(self, memory: Observations, pool: Observations, memory_folds: torch.Tensor,
                    pool_folds: torch.Tensor, candidates: torch.Tensor, round_index: int,
