@@ -75,8 +75,9 @@ def _average_precision(confidence: np.ndarray, positive: np.ndarray) -> float:
     true_pos = np.cumsum(hits)[last_of_group]
     predicted = (np.flatnonzero(last_of_group) + 1).astype(np.float64)
     precision = true_pos / predicted
-    recall_gain = np.diff(np.r_[0.0, true_pos]) / true_pos[-1]
-    return float(np.sum(recall_gain * precision))
+    # Weighted by whole hit counts and divided once at the end: each product is at most its count,
+    # so the sum never passes the number of positives (summing recall fractions could, by an ulp).
+    return float(np.sum(np.diff(np.r_[0.0, true_pos]) * precision) / true_pos[-1])
 
 
 def _fpr_at_95_tpr(idd: np.ndarray, ood: np.ndarray) -> float:

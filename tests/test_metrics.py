@@ -56,6 +56,14 @@ def test_perfect_separation():
     assert metrics == pytest.approx({"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0}, abs=1e-12)
 
 
+@pytest.mark.parametrize("n_idd, n_ood", [(1000, 1000), (9000, 2500), (777, 3333)])
+def test_perfect_separation_of_thousands_of_distinct_scores_is_exactly_one(n_idd, n_ood):
+    # Sizes at which summing recall fractions gave 1.0000000000000004, which no fraction may be.
+    idd = np.arange(n_idd, dtype=float)
+    metrics = ood_metrics(idd, n_idd + 0.5 + np.arange(n_ood, dtype=float))
+    assert metrics == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0}
+
+
 def test_inverted_scores_flip_auroc_and_accept_every_ood_sample():
     rng = np.random.default_rng(2)
     idd, ood = rng.normal(0, 1, 400), rng.normal(2, 1, 400)
