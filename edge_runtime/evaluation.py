@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from calibration.threshold import threshold_at_fpr
 
-from edge_runtime.config import RunConfig, evolve_config
+from edge_runtime.config import DetectorConfig, RunConfig, evolve_config
 from edge_runtime.continual.learner import RoundReport
 from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit, build_stream
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.registry import STATIC_DETECTORS, build_static_detector
-from edge_runtime.detectors.self_supervised import SelfSupervisedDetector
+from edge_runtime.detectors.self_supervised import SelfSupervisedDetector, keeps_images, trained_head_config
 from edge_runtime.errors import ConfigError
 from edge_runtime.experiment import embed, known_test_set
 from edge_runtime.metrics import ood_metrics
@@ -113,10 +113,10 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
         metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
     for mode in ssl_modes:
         ssl_cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode=mode))
+        known_obs = _embed_as_kept(ssl_cfg.detector, classifier, known_test_set(split), device)
         for target in targets:
             detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)
-            known_obs = _embed_for(detector, classifier, known_test_set(split), device)
-            target_test = _embed_for(detector, classifier, target.test, device)
+            target_test = _embed_as_kept(ssl_cfg.detector, classifier, target.test, device)
             name = f"{detector.name}_{mode}"
             for protocol in PROTOCOLS:
                 idd = score_by_protocol(detector, known_obs, protocol, cfg.stream.batch_size)
@@ -125,7 +125,7 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
                 if protocol == "per_sample" and target is targets[0]:
                     histograms[name] = (idd, ood)
             if target.name == split.novel_class:
-                test = _embed_for(detector, classifier, split.test, device)
+                test = _embed_as_kept(ssl_cfg.detector, classifier, split.test, device)
                 metrics.update(router_metrics(detector, detector.threshold, split, test, cfg.stream.batch_size,
                                               cfg.memory.budget, tag, name))
     if histograms:
@@ -143,17 +143,19 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
     """
     detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
     memory, stream = adaptation_data(cfg, split, target.stream_pool)
-    detector.set_memory(_embed_for(detector, classifier, memory, device),
+    detector.set_memory(_embed_as_kept(cfg.detector, classifier, memory, device),
                         torch.from_numpy(memory.labels))
     for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
-        detector.observe(_embed_for(detector, classifier, batch, device))
+        detector.observe(_embed_as_kept(cfg.detector, classifier, batch, device))
     return detector
 
 
-def _embed_for(detector: SelfSupervisedDetector, classifier: FrozenClassifier, data: ImageSet,
-               device: torch.device) -> Observations:
-    """Embed with what `detector` keeps: pixels for a pixel head, layer statistics for a head reading them."""
-    return embed(classifier, data, device, keep_images=detector.keep_images, stat_layers=detector.stat_layers)
+def _embed_as_kept(config: DetectorConfig, classifier: FrozenClassifier, data: ImageSet,
+                   device: torch.device) -> Observations:
+    """Embed with what the self-supervised detector of `config` keeps: pixels for a pixel head, layer
+    statistics for a head reading them."""
+    return embed(classifier, data, device, keep_images=keeps_images(config),
+                 stat_layers=trained_head_config(config).layer_stats)
 
 
 def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, list[ImageSet]]:

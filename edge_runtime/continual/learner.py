@@ -22,7 +22,7 @@ from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.pixel_registry import PIXEL_DETECTORS
 from edge_runtime.detectors.registry import build_static_detector
-from edge_runtime.detectors.self_supervised import SelfSupervisedDetector
+from edge_runtime.detectors.self_supervised import SelfSupervisedDetector, keeps_images, trained_head_config
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
@@ -35,12 +35,11 @@ THRESHOLD_FOLDS = 5  # static heads: cross-fitting folds of the memory behind th
 def needs_pixels(config: DetectorConfig) -> bool:
     """Whether the configured head looks at pixels, so the memory and pool must keep them.
 
-    Mirrors SelfSupervisedDetector.keep_images; detectors not known to work on features and
-    logits alone are assumed to need pixels, which costs memory but never correctness.
+    Detectors not known to work on features and logits alone are assumed to need pixels, which
+    costs memory but never correctness.
     """
     if config.name == ADAPTIVE_DETECTOR:
-        arch = config.binary.arch if config.ssl_mode == "paper" else config.pu_head.arch
-        return arch == "paper_cnn" or config.site == "last_conv"
+        return keeps_images(config)
     if config.name == "grad_mahalanobis":
         return config.site == "last_conv"
     return config.name not in FEATURE_ONLY_DETECTORS
@@ -48,9 +47,7 @@ def needs_pixels(config: DetectorConfig) -> bool:
 
 def stat_layers(config: DetectorConfig) -> tuple[str, ...]:
     """The classifier layers whose statistics the configured head reads (SelfSupervisedDetector.stat_layers)."""
-    if config.name != ADAPTIVE_DETECTOR:
-        return ()
-    return (config.binary if config.ssl_mode == "paper" else config.pu_head).layer_stats
+    return trained_head_config(config).layer_stats if config.name == ADAPTIVE_DETECTOR else ()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibration.threshold import threshold_at_fpr
-from edge_runtime.config import DetectorConfig
+from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.binary_head import BinaryHead
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
@@ -63,9 +63,8 @@ class SelfSupervisedDetector(Detector):
         self.seed = seed
         self.progress = progress
         self.gradient = GradientMahalanobis(classifier, config, seed, progress)
-        head_config = config.binary if self.mode == "paper" else config.pu_head
-        self.keep_images = head_config.arch == "paper_cnn" or config.site == "last_conv"
-        self.stat_layers = head_config.layer_stats  # what Observations must carry (FrozenClassifier.embed_with_stats)
+        self.keep_images = keeps_images(config)
+        self.stat_layers = trained_head_config(config).layer_stats  # what Observations must carry
         self.pool: Observations | None = None
         self.memory: Observations | None = None
         self.paper_head: BinaryHead | None = None
@@ -266,6 +265,16 @@ class SelfSupervisedDetector(Detector):
         if not self.pu_heads:
             raise StateError("memory_pu has no heads yet: set_memory() and observe() stream batches first")
         return self.pu_heads
+
+
+def trained_head_config(config: DetectorConfig) -> BinaryHeadConfig:
+    """The binary head recipe the configured mode trains: `binary` for paper, `pu_head` for memory_pu."""
+    return config.binary if config.ssl_mode == "paper" else config.pu_head
+
+
+def keeps_images(config: DetectorConfig) -> bool:
+    """Whether the detector must keep pixels: a pixel head, or a gradient site that reruns the backbone."""
+    return trained_head_config(config).arch == "paper_cnn" or config.site == "last_conv"
 
 
 def estimate_known_share(memory_scores: torch.Tensor, pool_scores: torch.Tensor) -> float:
