@@ -56,9 +56,9 @@ def separation(cfg: RunConfig, classifier: FrozenClassifier, memory: ImageSet, s
     head = evolve_config(cfg.detector.pu_head, layer_stats=layers)
     detector_cfg = evolve_config(cfg.detector, ssl_mode="memory_pu", pu_head=head)
     detector = SelfSupervisedDetector(classifier, detector_cfg, cfg.seed)
-    detector.set_memory(embed(classifier, memory, device, keep_images=False, stat_layers=layers),
-                        torch.from_numpy(memory.labels))
-    detector.observe(embed(classifier, stream, device, keep_images=False, stat_layers=layers))
+    kept = {"keep_images": detector.keep_images, "stat_layers": detector.stat_layers}
+    detector.set_memory(embed(classifier, memory, device, **kept), torch.from_numpy(memory.labels))
+    detector.observe(embed(classifier, stream, device, **kept))
     memory_scores, pool_scores = detector.out_of_fold_scores()
     novel = stream.labels == len(memory.classes)
     return {"pu_separation": ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"],
