@@ -12,6 +12,8 @@ split). Methods:
   vae_reconstruction        reconstruction error vector, same classifier              (baseline)
   vae_latent                per-dimension latent (KL) loss, same classifier           (baseline)
   vae_gradient_mahalanobis  the same gradients, Mahalanobis head instead              (ours)
+  vae_gradient_factors_mahalanobis  the same gradients as their factors (bias gradient,
+                            latent code), Mahalanobis head                            (ours)
   drocc, drocc_lf           DROCC / DROCC-LF on a LeNet                               (paper / ours)
 The VAE methods of one class share one trained VAE (only their heads differ), so they compare
 features and heads, not VAE luck. `--profile cpu` (default) shrinks epochs and nets to fit a
@@ -52,6 +54,7 @@ VAE_METHODS: dict[str, dict[str, str]] = {
     "vae_reconstruction": {"feature": "reconstruction", "head": "noise_classifier"},
     "vae_latent": {"feature": "latent", "head": "noise_classifier"},
     "vae_gradient_mahalanobis": {"feature": "gradient", "head": "mahalanobis"},
+    "vae_gradient_factors_mahalanobis": {"feature": "gradient_factors", "head": "mahalanobis"},
 }
 DROCC_METHODS = ("drocc", "drocc_lf")
 METHODS = (*VAE_METHODS, *DROCC_METHODS)

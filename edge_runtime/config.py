@@ -209,9 +209,11 @@ class VAEGradientConfig:
     """VAE gradient detector (Kwon et al.): a VAE on known images, per-sample gradients of its
     reconstruction loss as features, and a head that scores them (the paper's noise classifier or ours)."""
 
-    feature: Literal["gradient", "reconstruction", "latent"] = _field(
-        "gradient", description="gradient = the method; reconstruction (error vector) and latent (KL per "
-        "dimension) are the paper's activation baselines under the same head")
+    feature: Literal["gradient", "gradient_factors", "reconstruction", "latent"] = _field(
+        "gradient", description="gradient = the method; gradient_factors = the first decoder layer's gradient "
+        "as its two factors (bias gradient and latent code; the weight gradient is their outer product), "
+        "which a Mahalanobis head estimates from far fewer images; reconstruction (error vector) and latent "
+        "(KL per dimension) are the paper's activation baselines under the same head")
     site: Literal["first_decoder", "last_decoder"] = _field(
         "first_decoder", description="gradient site: first decoder layer for novel classes, last for novel conditions")
     latent_dim: int = _field(16, gt=0, le=1024)
@@ -231,6 +233,11 @@ class VAEGradientConfig:
     classifier_hidden: int = _field(128, gt=0, le=4096)
     classifier_epochs: int = _field(50, gt=0, le=10_000)
     classifier_lr: float = _field(1e-3, gt=0.0)
+
+    def __attrs_post_init__(self) -> None:
+        if self.feature == "gradient_factors" and self.site != "first_decoder":
+            raise _Refusal(f"gradient_factors factors the first decoder layer's gradient (a linear layer); "
+                           f"site {self.site!r} has no such factors")
 
 
 @_section

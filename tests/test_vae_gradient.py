@@ -11,8 +11,8 @@ from edge_runtime.config import DetectorConfig, VAEGradientConfig, evolve_config
 from edge_runtime.data.corruptions import corrupt
 from edge_runtime.detectors.drocc import DROCCDetector
 from edge_runtime.detectors.pixel_registry import build_pixel_detector
-from edge_runtime.detectors.vae_gradient import (ConvVAE, VAEGradientDetector, kl_per_dimension,
-                                                 reconstruction_loss, site_gradients)
+from edge_runtime.detectors.vae_gradient import (ConvVAE, VAEGradientDetector, first_decoder_gradient_factors,
+                                                 kl_per_dimension, reconstruction_loss, site_gradients)
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.one_class import observations_of
@@ -47,6 +47,38 @@ def test_site_gradients_match_per_sample_autograd(fitted, one_class_digits, site
     reference = _reference_gradients(fitted.vae, images, site)
     assert batched.shape == reference.shape
     assert torch.allclose(batched, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_factors_rebuild_the_first_decoder_gradient(fitted, one_class_digits):
+    """delta is the bias gradient and delta z^T the weight gradient, per sample, as autograd gives them."""
+    images = one_class_digits[1][:6].double()
+    vae = fitted.vae.double()
+    factors = first_decoder_gradient_factors(vae, images)
+    reference = site_gradients(vae, images, "first_decoder")
+    fitted.vae.float()
+    hidden, latent = QUICK.decoder_hidden, QUICK.latent_dim
+    assert factors.shape == (6, hidden + latent)
+    delta, z = factors[:, :hidden], factors[:, hidden:]
+    # site_gradients orders parameters by name: decoder_first.bias, then decoder_first.weight [hidden, latent]
+    rebuilt = torch.cat([delta, torch.einsum("bh,bl->bhl", delta, z).flatten(1)], dim=1)
+    assert torch.allclose(rebuilt, reference, rtol=1e-9, atol=1e-9)
+    alone = first_decoder_gradient_factors(vae.float(), images[2:3].float())
+    assert torch.allclose(alone, factors[2:3].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_factors_head_detects_other_digits(fitted, one_class_digits):
+    detector = VAEGradientDetector((1, 8, 8), evolve_config(QUICK, feature="gradient_factors"))
+    detector.vae = fitted.vae
+    detector.fit_head(one_class_digits[0])
+    _, test_images, labels = one_class_digits
+    scores = detector.score(observations_of(test_images)).numpy()
+    normal = labels == NORMAL_DIGIT
+    assert ood_metrics(scores[normal], scores[~normal])["auroc"] > 0.9
+
+
+def test_gradient_factors_refuse_the_last_decoder_site():
+    with pytest.raises(ConfigError, match="gradient_factors"):
+        evolve_config(QUICK, feature="gradient_factors", site="last_decoder")
 
 
 def test_site_gradients_of_a_sample_do_not_depend_on_its_batch(fitted, one_class_digits):

@@ -10,6 +10,11 @@ noise looks like, which transfers poorly to novel classes (benchmarks/results/on
 default head is ours: the squared Mahalanobis distance of the gradient to those of held-out known
 images, the core method's statistic on the VAE's gradients, with no stand-in outliers at all.
 
+The first decoder layer's gradient can also be read as its two factors (`gradient_factors`): the
+gradient at the layer's pre-activations and the latent code, whose outer product is the weight
+gradient. Same information, hidden + latent numbers instead of hidden * (latent + 1), so the
+Mahalanobis head's covariance is estimated rather than shrunk away on a few hundred images.
+
 The activation baselines of the paper run through the same head: the per-pixel reconstruction
 error vector and the per-dimension KL (latent) loss.
 """
@@ -67,8 +72,11 @@ class ConvVAE(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Pixel logits [B, C, H, W]; sigmoid gives the reconstruction."""
-        hidden = F.relu(self.decoder_first(latent))
-        code = F.relu(self.decoder_expand(hidden)).view(-1, *self.code_shape)
+        return self.decode_pre_activation(self.decoder_first(latent))
+
+    def decode_pre_activation(self, pre_activation: torch.Tensor) -> torch.Tensor:
+        """Pixel logits from the first decoder layer's pre-activations (where its gradient factors are read)."""
+        code = F.relu(self.decoder_expand(F.relu(pre_activation))).view(-1, *self.code_shape)
         return self.decoder_last(F.relu(self.decoder_up(code)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -117,6 +125,25 @@ def site_gradients(vae: ConvVAE, images: torch.Tensor, site: str) -> torch.Tenso
         grads = per_sample(site_values, chunk)
         parts.append(torch.cat([grads[name].flatten(1) for name in sorted(grads)], dim=1))
     return torch.cat(parts)
+
+
+def first_decoder_gradient_factors(vae: ConvVAE, images: torch.Tensor) -> torch.Tensor:
+    """The first decoder layer's per-sample gradient as its factors [B, hidden + latent]: (delta, z).
+
+    The layer maps the latent mean z to pre-activations W z + b, so the loss's gradient is delta
+    for b and delta z^T for W, where delta is the gradient at the pre-activations: the
+    hidden * (latent + 1) numbers of `site_gradients` are products of these hidden + latent ones.
+    A Gaussian over the factors is estimated from a few hundred images, where one over all the
+    products is mostly shrinkage. One backward pass serves the batch: each sample's loss depends
+    on its own row only.
+    """
+    with torch.enable_grad():
+        latent, _ = vae.encode(images)
+        latent = latent.detach()
+        pre_activation = vae.decoder_first(latent).detach().requires_grad_(True)
+        loss = reconstruction_loss(vae.decode_pre_activation(pre_activation), images).sum()
+        (delta,) = torch.autograd.grad(loss, pre_activation)
+    return torch.cat([delta, latent], dim=1)
 
 
 class VAEGradientDetector(PixelDetector):
@@ -196,6 +223,8 @@ class VAEGradientDetector(PixelDetector):
         vae = self.vae.to(images.device).eval()
         if self.config.feature == "gradient":
             return site_gradients(vae, images, self.config.site)
+        if self.config.feature == "gradient_factors":
+            return torch.cat([first_decoder_gradient_factors(vae, chunk) for chunk in images.split(GRADIENT_CHUNK)])
         with torch.no_grad():
             mean, log_var = vae.encode(images)
             if self.config.feature == "latent":
