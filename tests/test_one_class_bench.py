@@ -20,6 +20,8 @@ from edge_runtime.synthetic import SINE_DISPLACEMENTS, SPHERE_RADII
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
+OURS = {"vae_gradient_mahalanobis", "vae_gradient_factors_mahalanobis"}  # the two forms of our head
+
 
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
@@ -104,11 +106,12 @@ def test_benchmark_script_averages_auroc_over_folds(tmp_path, check_results):
     bench = _load_script("one_class")
     out = tmp_path / "folds"
     assert bench.main(["--dataset", "mnist", "--folds", "2", "--out", str(out), "--classes", "3", "--limit-train", "30",
-                       "--limit-eval", "10", "--methods", "vae_gradient_mahalanobis", "--set", "vae.vae_epochs=2",
+                       "--limit-eval", "10", "--methods", "vae_gradient_mahalanobis,vae_gradient_factors_mahalanobis",
+                       "--set", "vae.vae_epochs=2",
                        "--no-progress"]) == 0
     doc = json.loads((out / "result.json").read_text())
     assert doc["config"]["folds"] == 2 and "2-fold cross-validation" in doc["config"]["split"]
-    assert set(doc["metrics"]) == {f"auroc/one_class/vae_gradient_mahalanobis/mnist/{c}" for c in ("3", "mean")}
+    assert set(doc["metrics"]) == {f"auroc/one_class/{m}/mnist/{c}" for m in OURS for c in ("3", "mean")}
     check_results(out)
     with pytest.raises(SystemExit):
         bench.main(["--dataset", "mnist", "--folds", "2", "--validation", "--out", str(out)])
@@ -126,25 +129,29 @@ def test_table_puts_published_numbers_beside_ours():
     assert "paper" not in mnist.splitlines()[0]
 
 
-@pytest.mark.parametrize("folder, families", [
-    ("one_class_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc", "drocc_lf"}),
-    ("one_class_mnist_5fold", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
-    ("one_class_fashion_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc"}),
-    ("one_class_cifar10", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
-    ("drocc_sine", {"drocc", "drocc_lf", "ce_negatives", "ocsvm", "knn"}),
-    ("drocc_sphere", {"drocc", "ocsvm", "knn"}),
+@pytest.mark.parametrize("folder, dataset, families", [
+    ("one_class_mnist", "mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc", "drocc_lf"}),
+    ("one_class_mnist_5fold", "mnist", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
+    ("one_class_fashion_mnist", "fashion_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc"}),
+    ("one_class_cifar10", "cifar10", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
+    *((f"one_class_{dataset}_{kind}", dataset, OURS) for dataset in ("mnist", "fashion_mnist", "cifar10")
+      for kind in ("factors", "validation")),
+    ("one_class_mnist_5fold_factors", "mnist", OURS),
+    ("drocc_sine", None, {"drocc", "drocc_lf", "ce_negatives", "ocsvm", "knn"}),
+    ("drocc_sphere", None, {"drocc", "ocsvm", "knn"}),
 ])
-def test_committed_results_follow_the_contract(folder, families, check_results):
+def test_committed_results_follow_the_contract(folder, dataset, families, check_results):
     path = RESULTS / folder / "result.json"
     assert path.is_file(), f"{path} is missing: run the benchmark (see its docstring)"
     check_results(path)
-    metrics = json.loads(path.read_text())["metrics"]
+    doc = json.loads(path.read_text())
+    metrics = doc["metrics"]
     if folder == "drocc_sine":
         rows = [f"sine/displacement-{d}" for d in SINE_DISPLACEMENTS]
     elif folder == "drocc_sphere":
         rows = [f"sphere/radius-{r}" for r in SPHERE_RADII]
     else:
-        dataset = folder.removeprefix("one_class_").removesuffix("_5fold")
+        assert doc["config"]["validation"] == folder.endswith("_validation")
         classes = CATALOG[dataset].classes or load_split(dataset, "test", progress=False).classes
         rows = [f"{dataset}/{c}" for c in [*classes, "mean"]]
     for method in families:
