@@ -137,10 +137,11 @@ def first_decoder_gradient_factors(vae: ConvVAE, images: torch.Tensor) -> torch.
     products is mostly shrinkage. One backward pass serves the batch: each sample's loss depends
     on its own row only.
     """
-    with torch.enable_grad():
+    with torch.no_grad():
         latent, _ = vae.encode(images)
-        latent = latent.detach()
-        pre_activation = vae.decoder_first(latent).detach().requires_grad_(True)
+        pre_activation = vae.decoder_first(latent)
+    pre_activation.requires_grad_(True)
+    with torch.enable_grad():
         loss = reconstruction_loss(vae.decode_pre_activation(pre_activation), images).sum()
         (delta,) = torch.autograd.grad(loss, pre_activation)
     return torch.cat([delta, latent], dim=1)
