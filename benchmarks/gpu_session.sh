@@ -14,8 +14,9 @@
 #   env                  GPU, driver and package versions
 #   kernel-tests         dispatch and CUDA C tests on the device (compiled Triton and CUDA C vs float64)
 #   kernels              benchmarks/kernels.py (issue 5)
-#   train                CIFAR-10 fast net on 9 classes (issue 2/3; classifier reused below)
+#   train                CIFAR-10 fast net on 9 classes, cat held out (issue 2/3; classifier reused below)
 #   evaluate             detection table on CIFAR-10 vs held-out class, MNIST, Tiny ImageNet (issue 3)
+#   train:C, evaluate:C  the same with class C held out (issue 3's "each held-out class"); in one command
 #   budget:C1,C2         Table 4 for these novel classes, budgets $BUDGETS (default 500,1000; issue 4), added to
 #                        the table committed in benchmarks/results/cifar10_budget by earlier leases
 #   drocc:I1,I2          DROCC / DROCC-LF one-class CIFAR-10, paper recipe, these class indices (issue 6)
@@ -40,21 +41,26 @@ fi
 PYTHON="${PYTHON:-python3}"
 CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10-fastnet.yaml}"  # another config only to try the steps on a CPU
 BUDGETS="${BUDGETS:-500,1000}"
-CLASSIFIER="$RESULTS/cifar10_fastnet_train/classifier.safetensors"
 DEADLINE_S="${DEADLINE_S:-570}"
 PACKING_S=15  # kept back for the archive
 
 # step_limit STEP: seconds the step may take before it is stopped.
 step_limit() {
   case "$1" in
-    env) echo 60 ;; kernel-tests) echo 240 ;; kernels) echo 240 ;; train) echo 420 ;;
-    evaluate) echo 480 ;; budget:*) echo 1200 ;; drocc:*) echo 1200 ;; *) echo 0 ;;
+    env) echo 60 ;; kernel-tests) echo 240 ;; kernels) echo 240 ;; train|train:*) echo 420 ;;
+    evaluate|evaluate:*) echo 480 ;; budget:*) echo 1200 ;; drocc:*) echo 1200 ;; *) echo 0 ;;
   esac
 }
 
 edge_runtime() { "$PYTHON" -m edge_runtime.cli.main "$@" --no-progress; }
 
-classifier_args() { [ -f "$CLASSIFIER" ] && echo "--classifier $CLASSIFIER"; }
+# held_out STEP: the class after "train:" / "evaluate:", empty for the config's own (cat).
+held_out() { case "$1" in *:*) echo "${1#*:}" ;; esac; }
+# classifier_args CLASS: the classifier an earlier train step of this command left for CLASS, if any.
+classifier_args() {
+  local classifier="$RESULTS/cifar10_fastnet_train${1:+_$1}/classifier.safetensors"
+  if [ -f "$classifier" ]; then echo "--classifier $classifier"; fi
+}
 
 run_step() {
   case "$1" in
@@ -63,9 +69,12 @@ torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)
     kernel-tests) "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_reference_kernels.py tests/test_dispatch.py \
         tests/test_kernels_cuda.py ;;  # test_kernels_triton.py is interpreter-only (CI)
     kernels) "$PYTHON" benchmarks/kernels.py --out "$RESULTS/kernels-h200" ;;
-    train) edge_runtime train --config "$CIFAR_CONFIG" --out "$RESULTS/cifar10_fastnet_train" ;;
-    evaluate) edge_runtime evaluate --config "$CIFAR_CONFIG" $(classifier_args) \
-        --out "$RESULTS/cifar10_fastnet_evaluate" ;;
+    train|train:*) local held; held=$(held_out "$1")
+      edge_runtime train --config "$CIFAR_CONFIG" ${held:+--set data.novel_class=$held} \
+        --out "$RESULTS/cifar10_fastnet_train${held:+_$held}" ;;
+    evaluate|evaluate:*) local held; held=$(held_out "$1")
+      edge_runtime evaluate --config "$CIFAR_CONFIG" ${held:+--set data.novel_class=$held} $(classifier_args "$held") \
+        --out "$RESULTS/cifar10_fastnet_evaluate${held:+_$held}" ;;
     budget:*) # One table over leases: start from the committed one, add these classes (--resume).
       local table="$RESULTS/cifar10_budget"
       [ -d "$table" ] || { mkdir -p "$table"; cp benchmarks/results/cifar10_budget/result.json "$table/" 2>/dev/null || true; }
@@ -86,8 +95,8 @@ for step in "$@"; do
   echo "=== $step (limit ${limit}s) $(date -u +%FT%TZ)" | tee -a "$LOG"
   start=$SECONDS
   # A subshell under `timeout`, so one step's hang or crash cannot stop the others.
-  export -f run_step edge_runtime classifier_args
-  export PYTHON CIFAR_CONFIG BUDGETS CLASSIFIER RESULTS
+  export -f run_step edge_runtime held_out classifier_args
+  export PYTHON CIFAR_CONFIG BUDGETS RESULTS
   timeout --kill-after=10 "$limit" bash -ec "run_step '$step'" 2>&1 | tee -a "$LOG"
   status=${PIPESTATUS[0]}
   echo "=== $step: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
