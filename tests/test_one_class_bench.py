@@ -134,6 +134,7 @@ def test_table_puts_published_numbers_beside_ours():
     ("one_class_mnist_5fold", "mnist", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
     ("one_class_fashion_mnist", "fashion_mnist", {"vae_gradient", "vae_gradient_mahalanobis", "drocc"}),
     ("one_class_cifar10", "cifar10", {"vae_gradient", "vae_reconstruction", "vae_latent", "vae_gradient_mahalanobis"}),
+    ("one_class_cifar10_drocc_cpu", "cifar10", {"drocc", "drocc_lf"}),
     *((f"one_class_{dataset}_{kind}", dataset, OURS) for dataset in ("mnist", "fashion_mnist", "cifar10")
       for kind in ("factors", "validation")),
     ("one_class_mnist_5fold_factors", "mnist", OURS),
