@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -52,17 +54,16 @@ def test_site_gradients_match_per_sample_autograd(fitted, one_class_digits, site
 def test_gradient_factors_rebuild_the_first_decoder_gradient(fitted, one_class_digits):
     """delta is the bias gradient and delta z^T the weight gradient, per sample, as autograd gives them."""
     images = one_class_digits[1][:6].double()
-    vae = fitted.vae.double()
+    vae = copy.deepcopy(fitted.vae).double()  # a copy: the fixture's VAE stays float for the other tests
     factors = first_decoder_gradient_factors(vae, images)
     reference = site_gradients(vae, images, "first_decoder")
-    fitted.vae.float()
     hidden, latent = QUICK.decoder_hidden, QUICK.latent_dim
     assert factors.shape == (6, hidden + latent)
     delta, z = factors[:, :hidden], factors[:, hidden:]
     # site_gradients orders parameters by name: decoder_first.bias, then decoder_first.weight [hidden, latent]
     rebuilt = torch.cat([delta, torch.einsum("bh,bl->bhl", delta, z).flatten(1)], dim=1)
     assert torch.allclose(rebuilt, reference, rtol=1e-9, atol=1e-9)
-    alone = first_decoder_gradient_factors(vae.float(), images[2:3].float())
+    alone = first_decoder_gradient_factors(fitted.vae, images[2:3].float())
     assert torch.allclose(alone, factors[2:3].float(), rtol=1e-4, atol=1e-5)
 
 
