@@ -3,6 +3,7 @@
     python benchmarks/one_class.py --dataset mnist --out benchmarks/results/one_class_mnist
     python benchmarks/one_class.py --dataset mnist --folds 5 --out benchmarks/results/one_class_mnist_5fold
     python benchmarks/one_class.py --dataset cifar10 --device cuda --profile paper --out DIR
+    python benchmarks/one_class.py --dataset cifar10 --validation --methods drocc --sweep drocc.radius=2,8,32 --out DIR
 
 For each class a fresh detector is fitted on that class's training images and scores the whole
 evaluation split (edge_runtime/one_class.py states the splits; MNIST exists here only as its test
@@ -75,39 +76,54 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     overrides = {**PROFILES[args.profile], **dict(_assignment(item) for item in args.set)}
-    detector_config = with_overrides(config_from_dict({}), overrides).detector
+    settings = _settings(overrides, args.sweep)
     folds = _folds(args)
     first = folds[0]
     classes = args.classes if args.classes is not None else list(range(len(first.train.classes)))
-    methods = args.methods
+    labels = [f"{method}{suffix}" for suffix in settings for method in args.methods]
     image_shape = _image_shape(first)
     metrics: dict[str, float] = {}
-    seconds: dict[str, float] = {m: 0.0 for m in methods}
+    seconds: dict[str, float] = {label: 0.0 for label in labels}
     for label in tqdm(classes, desc=f"{args.dataset} classes", disable=args.no_progress):
         name = first.train.classes[label]
-        per_fold: dict[str, list[float]] = {m: [] for m in methods}
-        for data in folds:
-            for method, auroc, elapsed in _run_class(methods, detector_config, image_shape, data, label,
-                                                     args.limit_train, device, args.seed, not args.no_progress):
-                per_fold[method].append(auroc)
-                seconds[method] += elapsed
-                print(f"{args.dataset} class {name} {method}: AUROC {auroc:.4f} ({elapsed:.0f} s)", flush=True)
+        per_fold: dict[str, list[float]] = {label: [] for label in labels}
+        for suffix, detector_config in settings.items():
+            for data in folds:
+                for method, auroc, elapsed in _run_class(args.methods, detector_config, image_shape, data, label,
+                                                         args.limit_train, device, args.seed, not args.no_progress):
+                    per_fold[method + suffix].append(auroc)
+                    seconds[method + suffix] += elapsed
+                    print(f"{args.dataset} class {name} {method}{suffix}: AUROC {auroc:.4f} ({elapsed:.0f} s)", flush=True)
         for method, values in per_fold.items():
             metrics[metric_key("auroc", "one_class", method, args.dataset, name)] = float(np.mean(values))
-    for method in methods:
+    for method in labels:
         values = [metrics[metric_key("auroc", "one_class", method, args.dataset, first.train.classes[c])] for c in classes]
         metrics[metric_key("auroc", "one_class", method, args.dataset, "mean")] = float(np.mean(values))
-    print(one_class_table(metrics, args.dataset, [first.train.classes[c] for c in classes], methods))
+    print(one_class_table(metrics, args.dataset, [first.train.classes[c] for c in classes], tuple(labels)))
     config = {"dataset": args.dataset, "split": first.split_note, "folds": len(folds),
               "classes": [first.train.classes[c] for c in classes],
               "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
-              "methods": list(methods), "profile": args.profile, "validation": args.validation,
-              "seed": args.seed, "detector": config_to_dict(detector_config),
+              "methods": list(args.methods), "profile": args.profile, "validation": args.validation,
+              "seed": args.seed, "detector": config_to_dict(next(iter(settings.values()))),
               "fit_and_score_seconds": seconds, "torch_threads": torch.get_num_threads()}
+    if args.sweep:
+        config["sweep"] = {"key": f"detector.{args.sweep[0]}", "values": args.sweep[1],
+                           "note": "'detector' holds the first value's config; each metric's method name ends "
+                                   "with the value it ran with"}
     path = write_result(args.out, config, metrics, device, command="python benchmarks/one_class.py " + " ".join(
         argv if argv is not None else sys.argv[1:]))
     print(f"wrote {path}")
     return 0
+
+
+def _settings(overrides: dict[str, Any], sweep: tuple[str, list[Any]] | None) -> dict[str, DetectorConfig]:
+    """{method-name suffix: detector config}: one unnamed setting, or one per value of the swept key."""
+    if sweep is None:
+        return {"": with_overrides(config_from_dict({}), overrides).detector}
+    key, values = sweep
+    leaf = key.rsplit(".", 1)[-1]
+    return {f".{leaf}-{value}": with_overrides(config_from_dict({}), {**overrides, f"detector.{key}": value}).detector
+            for value in values}
 
 
 def _folds(args: argparse.Namespace) -> list[OneClassData]:
@@ -143,7 +159,8 @@ def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tu
 
 def one_class_table(metrics: dict[str, float], dataset: str, class_names: list[str], methods: tuple[str, ...]) -> str:
     """Rows = classes then the mean; columns = the papers' published means, then each method."""
-    paper_columns = [m for m in methods if (m, dataset) in PAPER_MEAN_AUROC]
+    bases = dict.fromkeys(m.split(".")[0] for m in methods)  # a swept method's name carries a .key-value suffix
+    paper_columns = [m for m in bases if (m, dataset) in PAPER_MEAN_AUROC]
     header = ["class", *(f"paper {m}" for m in paper_columns), *methods]
     rows = []
     for name in [*class_names, "mean"]:
@@ -169,6 +186,15 @@ def _assignment(item: str) -> tuple[str, Any]:
     return f"detector.{key.strip()}", yaml.safe_load(value)
 
 
+def _sweep(item: str) -> tuple[str, list[Any]]:
+    """'drocc.radius=2,8,32' -> ('drocc.radius', [2, 8, 32]); values parsed as YAML scalars."""
+    key, _, values = item.partition("=")
+    parsed = [yaml.safe_load(value) for value in values.split(",") if value.strip()]
+    if not key.strip() or len(parsed) < 2:
+        raise argparse.ArgumentTypeError(f"--sweep expects key=value,value[,...], got {item!r}")
+    return key.strip(), parsed
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=[d for d in ("mnist", "fashion_mnist", "cifar10") if d in CATALOG])
@@ -186,6 +212,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="evaluate on a held-out part of the training images (to choose hyper-parameters)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="detector config override, e.g. --set vae.vae_epochs=50 --set drocc.radius=4")
+    parser.add_argument("--sweep", type=_sweep, default=None, metavar="KEY=V1,V2,...",
+                        help="run every method once per value of one detector config key (after --set), e.g. "
+                             "--sweep drocc.radius=2,8,32; each method name gains the suffix .radius-<value>")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")

@@ -12,7 +12,7 @@ import pytest
 
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.data.loader import load_split
-from edge_runtime.errors import DataError
+from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.one_class import (first_per_class, load_one_class_data, load_one_class_folds, stratified_folds,
                                     stratified_halves)
 from edge_runtime.synthetic import SINE_DISPLACEMENTS, SPHERE_RADII
@@ -115,6 +115,25 @@ def test_benchmark_script_averages_auroc_over_folds(tmp_path, check_results):
     check_results(out)
     with pytest.raises(SystemExit):
         bench.main(["--dataset", "mnist", "--folds", "2", "--validation", "--out", str(out)])
+
+
+def test_sweep_runs_each_value_and_names_it_in_the_metric(tmp_path, check_results):
+    bench = _load_script("one_class")
+    out = tmp_path / "sweep"
+    assert bench.main(["--dataset", "mnist", "--validation", "--out", str(out), "--classes", "1", "--limit-train", "30",
+                       "--limit-eval", "10", "--methods", "drocc", "--set", "drocc.epochs=3",
+                       "--sweep", "drocc.radius=2,16", "--no-progress"]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert set(doc["metrics"]) == {f"auroc/one_class/drocc.radius-{r}/mnist/{c}" for r in (2, 16) for c in ("1", "mean")}
+    assert doc["config"]["sweep"]["key"] == "detector.drocc.radius" and doc["config"]["sweep"]["values"] == [2, 16]
+    assert doc["config"]["detector"]["drocc"]["radius"] == 2 and doc["config"]["detector"]["drocc"]["epochs"] == 3
+    assert "validation" in doc["config"]["split"]
+    check_results(out)
+    for bad in ("drocc.radius=2", "drocc.radius", "=1,2"):
+        with pytest.raises(SystemExit):
+            bench.main(["--dataset", "mnist", "--out", str(out), "--sweep", bad])
+    with pytest.raises(ConfigError, match="radius"):  # an invalid value is refused before anything trains
+        bench.main(["--dataset", "mnist", "--out", str(out), "--methods", "drocc", "--sweep", "drocc.radius=2,-1"])
 
 
 def test_table_puts_published_numbers_beside_ours():
