@@ -80,26 +80,28 @@ def main(argv: list[str] | None = None) -> int:
     folds = _folds(args)
     first = folds[0]
     classes = args.classes if args.classes is not None else list(range(len(first.train.classes)))
-    labels = [f"{method}{suffix}" for suffix in settings for method in args.methods]
+    runs = [f"{method}{suffix}" for suffix in settings for method in args.methods]
     image_shape = _image_shape(first)
     metrics: dict[str, float] = {}
-    seconds: dict[str, float] = {label: 0.0 for label in labels}
+    seconds: dict[str, float] = {run: 0.0 for run in runs}
     for label in tqdm(classes, desc=f"{args.dataset} classes", disable=args.no_progress):
         name = first.train.classes[label]
-        per_fold: dict[str, list[float]] = {label: [] for label in labels}
+        per_fold: dict[str, list[float]] = {run: [] for run in runs}
         for suffix, detector_config in settings.items():
             for data in folds:
                 for method, auroc, elapsed in _run_class(args.methods, detector_config, image_shape, data, label,
                                                          args.limit_train, device, args.seed, not args.no_progress):
                     per_fold[method + suffix].append(auroc)
                     seconds[method + suffix] += elapsed
-                    print(f"{args.dataset} class {name} {method}{suffix}: AUROC {auroc:.4f} ({elapsed:.0f} s)", flush=True)
+                    print(f"{args.dataset} class {name} {method}{suffix}: AUROC {auroc:.4f} ({elapsed:.0f} s)",
+                          flush=True)
         for method, values in per_fold.items():
             metrics[metric_key("auroc", "one_class", method, args.dataset, name)] = float(np.mean(values))
-    for method in labels:
-        values = [metrics[metric_key("auroc", "one_class", method, args.dataset, first.train.classes[c])] for c in classes]
+    for method in runs:
+        values = [metrics[metric_key("auroc", "one_class", method, args.dataset, first.train.classes[c])]
+                  for c in classes]
         metrics[metric_key("auroc", "one_class", method, args.dataset, "mean")] = float(np.mean(values))
-    print(one_class_table(metrics, args.dataset, [first.train.classes[c] for c in classes], tuple(labels)))
+    print(one_class_table(metrics, args.dataset, [first.train.classes[c] for c in classes], tuple(runs)))
     config = {"dataset": args.dataset, "split": first.split_note, "folds": len(folds),
               "classes": [first.train.classes[c] for c in classes],
               "limit_train_per_class": args.limit_train, "limit_eval_per_class": args.limit_eval,
@@ -190,8 +192,8 @@ def _sweep(item: str) -> tuple[str, list[Any]]:
     """'drocc.radius=2,8,32' -> ('drocc.radius', [2, 8, 32]); values parsed as YAML scalars."""
     key, _, values = item.partition("=")
     parsed = [yaml.safe_load(value) for value in values.split(",") if value.strip()]
-    if not key.strip() or len(parsed) < 2:
-        raise argparse.ArgumentTypeError(f"--sweep expects key=value,value[,...], got {item!r}")
+    if not key.strip() or len(parsed) < 2 or len(set(map(str, parsed))) < len(parsed):
+        raise argparse.ArgumentTypeError(f"--sweep expects key=value,value[,...] with distinct values, got {item!r}")
     return key.strip(), parsed
 
 

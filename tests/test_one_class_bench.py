@@ -124,12 +124,13 @@ def test_sweep_runs_each_value_and_names_it_in_the_metric(tmp_path, check_result
                        "--limit-eval", "10", "--methods", "drocc", "--set", "drocc.epochs=3",
                        "--sweep", "drocc.radius=2,16", "--no-progress"]) == 0
     doc = json.loads((out / "result.json").read_text())
-    assert set(doc["metrics"]) == {f"auroc/one_class/drocc.radius-{r}/mnist/{c}" for r in (2, 16) for c in ("1", "mean")}
+    assert set(doc["metrics"]) == {f"auroc/one_class/drocc.radius-{r}/mnist/{c}"
+                                   for r in (2, 16) for c in ("1", "mean")}
     assert doc["config"]["sweep"]["key"] == "detector.drocc.radius" and doc["config"]["sweep"]["values"] == [2, 16]
     assert doc["config"]["detector"]["drocc"]["radius"] == 2 and doc["config"]["detector"]["drocc"]["epochs"] == 3
     assert "validation" in doc["config"]["split"]
     check_results(out)
-    for bad in ("drocc.radius=2", "drocc.radius", "=1,2"):
+    for bad in ("drocc.radius=2", "drocc.radius", "=1,2", "drocc.radius=2,2"):
         with pytest.raises(SystemExit):
             bench.main(["--dataset", "mnist", "--out", str(out), "--sweep", bad])
     with pytest.raises(ConfigError, match="radius"):  # an invalid value is refused before anything trains
@@ -146,6 +147,10 @@ def test_table_puts_published_numbers_beside_ours():
     mnist = bench.one_class_table({f"auroc/one_class/drocc/mnist/{c}": 0.5 for c in ["0", "mean"]}, "mnist", ["0"],
                                   ("drocc",))
     assert "paper" not in mnist.splitlines()[0]
+    swept = ("drocc.radius-2", "drocc.radius-8")
+    swept_metrics = {f"auroc/one_class/{m}/cifar10/{c}": 0.5 for m in swept for c in [*classes, "mean"]}
+    sweep_table = bench.one_class_table(swept_metrics, "cifar10", classes, swept)
+    assert sweep_table.splitlines()[0].count("paper drocc") == 1  # one published column for the swept method
 
 
 @pytest.mark.parametrize("folder, dataset, families", [
@@ -158,7 +163,8 @@ def test_table_puts_published_numbers_beside_ours():
       for kind in ("factors", "validation")),
     ("one_class_mnist_5fold_factors", "mnist", OURS),
     *((f"one_class_cifar10_drocc_validation_{name}", "cifar10", {f"drocc.{key}-{value}" for value in values})
-      for name, key, values in (("radius", "radius", (2, 8, 32, 128)), ("step", "ascent_step_size", (0.001, 0.1, 1.0, 4.0)),
+      for name, key, values in (("radius", "radius", (2, 8, 32, 128)),
+                                ("step", "ascent_step_size", (0.001, 0.1, 1.0, 4.0)),
                                 ("epochs", "epochs", (1, 3, 10, 40)), ("gamma", "gamma", (1, 2, 4)))),
     ("drocc_sine", None, {"drocc", "drocc_lf", "ce_negatives", "ocsvm", "knn"}),
     ("drocc_sphere", None, {"drocc", "ocsvm", "knn"}),
