@@ -165,7 +165,8 @@ def test_table_puts_published_numbers_beside_ours():
     *((f"one_class_cifar10_drocc_validation_{name}", "cifar10", {f"drocc.{key}-{value}" for value in values})
       for name, key, values in (("radius", "radius", (2, 8, 32, 128)),
                                 ("step", "ascent_step_size", (0.001, 0.1, 1.0, 4.0)),
-                                ("epochs", "epochs", (1, 3, 10, 40)), ("gamma", "gamma", (1, 2, 4)))),
+                                ("epochs", "epochs", (1, 3, 10, 40)), ("gamma", "gamma", (1, 2, 4)),
+                                ("width", "width", (8, 32)))),
     ("drocc_sine", None, {"drocc", "drocc_lf", "ce_negatives", "ocsvm", "knn"}),
     ("drocc_sphere", None, {"drocc", "ocsvm", "knn"}),
 ])
