@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               "seed": args.seed, "detector": config_to_dict(next(iter(settings.values()))),
               "fit_and_score_seconds": seconds, "torch_threads": torch.get_num_threads()}
     if args.sweep:
-        config["sweep"] = {"key": f"detector.{args.sweep[0]}", "values": args.sweep[1],
+        config["sweep"] = {"key": args.sweep[0], "values": args.sweep[1],
                            "note": "'detector' holds the first value's config; each metric's method name ends "
                                    "with the value it ran with"}
     path = write_result(args.out, config, metrics, device, command="python benchmarks/one_class.py " + " ".join(
@@ -124,7 +124,7 @@ def _settings(overrides: dict[str, Any], sweep: tuple[str, list[Any]] | None) ->
         return {"": with_overrides(config_from_dict({}), overrides).detector}
     key, values = sweep
     leaf = key.rsplit(".", 1)[-1]
-    return {f".{leaf}-{value}": with_overrides(config_from_dict({}), {**overrides, f"detector.{key}": value}).detector
+    return {f".{leaf}-{value}": with_overrides(config_from_dict({}), {**overrides, key: value}).detector
             for value in values}
 
 
@@ -189,12 +189,12 @@ def _assignment(item: str) -> tuple[str, Any]:
 
 
 def _sweep(item: str) -> tuple[str, list[Any]]:
-    """'drocc.radius=2,8,32' -> ('drocc.radius', [2, 8, 32]); values parsed as YAML scalars."""
+    """'drocc.radius=2,8,32' -> ('detector.drocc.radius', [2, 8, 32]); values parsed as YAML scalars (as --set)."""
     key, _, values = item.partition("=")
     parsed = [yaml.safe_load(value) for value in values.split(",") if value.strip()]
     if not key.strip() or len(parsed) < 2 or len(set(map(str, parsed))) < len(parsed):
         raise argparse.ArgumentTypeError(f"--sweep expects key=value,value[,...] with distinct values, got {item!r}")
-    return key.strip(), parsed
+    return f"detector.{key.strip()}", parsed
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
