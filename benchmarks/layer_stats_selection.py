@@ -22,16 +22,14 @@ from pathlib import Path
 # Run as a script, this file's folder comes first on sys.path; keep package imports unambiguous.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import RunConfig, config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.data.arrays import ImageSet  # noqa: E402
-from edge_runtime.data.splits import NovelClassSplit  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
-from edge_runtime.evaluation import OODTarget, adaptation_data, ood_targets  # noqa: E402
+from edge_runtime.evaluation import ood_targets, whole_stream  # noqa: E402
 from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
 from edge_runtime.detectors.self_supervised import SelfSupervisedDetector  # noqa: E402
 from edge_runtime.errors import ConfigError  # noqa: E402
@@ -65,14 +63,6 @@ def separation(cfg: RunConfig, classifier: FrozenClassifier, memory: ImageSet, s
             "stream_auroc": ood_metrics(pool_scores[~novel].numpy(), pool_scores[novel].numpy())["auroc"]}
 
 
-def whole_stream(cfg: RunConfig, target: OODTarget, split: NovelClassSplit) -> tuple[ImageSet, ImageSet]:
-    """(rehearsal memory, the target's stream as one set) exactly as `evaluate` builds them."""
-    memory, batches = adaptation_data(cfg, split, target.stream_pool)
-    stream = ImageSet(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]),
-                      batches[0].classes, f"{target.name}-stream")
-    return memory, stream
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
@@ -90,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = ood_targets(data.split, data.ood_sets, cfg.seed)
     bar = tqdm(total=len(targets) * len(candidates), desc="layer sets", disable=not args.progress)
     for target in targets:
-        memory, stream = whole_stream(cfg, target, data.split)
+        memory, stream = whole_stream(cfg, data.split, target.stream_pool)
         for name, layers in candidates.items():
             values = separation(cfg, classifier, memory, stream, layers, device)
             candidate = name.replace("+", "-and-")

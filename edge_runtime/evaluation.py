@@ -113,10 +113,10 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
         metrics.update(_static_router(cfg, detectors["grad_mahalanobis"], classifier, split, device, tag))
     for mode in ssl_modes:
         ssl_cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode=mode))
-        known_obs = _embed_as_kept(ssl_cfg.detector, classifier, known_test_set(split), device)
+        known_obs = embed_as_kept(ssl_cfg.detector, classifier, known_test_set(split), device)
         for target in targets:
             detector = adapt_self_supervised(ssl_cfg, classifier, split, known_fit, labels, target, device, progress)
-            target_test = _embed_as_kept(ssl_cfg.detector, classifier, target.test, device)
+            target_test = embed_as_kept(ssl_cfg.detector, classifier, target.test, device)
             name = f"{detector.name}_{mode}"
             for protocol in PROTOCOLS:
                 idd = score_by_protocol(detector, known_obs, protocol, cfg.stream.batch_size)
@@ -125,7 +125,7 @@ def evaluate_detectors(cfg: RunConfig, classifier: FrozenClassifier, split: Nove
                 if protocol == "per_sample" and target is targets[0]:
                     histograms[name] = (idd, ood)
             if target.name == split.novel_class:
-                test = _embed_as_kept(ssl_cfg.detector, classifier, split.test, device)
+                test = embed_as_kept(ssl_cfg.detector, classifier, split.test, device)
                 metrics.update(router_metrics(detector, detector.threshold, split, test, cfg.stream.batch_size,
                                               cfg.memory.budget, tag, name))
     if histograms:
@@ -143,14 +143,14 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
     """
     detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
     memory, stream = adaptation_data(cfg, split, target.stream_pool)
-    detector.set_memory(_embed_as_kept(cfg.detector, classifier, memory, device),
+    detector.set_memory(embed_as_kept(cfg.detector, classifier, memory, device),
                         torch.from_numpy(memory.labels))
     for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
-        detector.observe(_embed_as_kept(cfg.detector, classifier, batch, device))
+        detector.observe(embed_as_kept(cfg.detector, classifier, batch, device))
     return detector
 
 
-def _embed_as_kept(config: DetectorConfig, classifier: FrozenClassifier, data: ImageSet,
+def embed_as_kept(config: DetectorConfig, classifier: FrozenClassifier, data: ImageSet,
                    device: torch.device) -> Observations:
     """Embed with what the self-supervised detector of `config` keeps: pixels for a pixel head, layer
     statistics for a head reading them."""
@@ -169,6 +169,15 @@ def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet
     memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed)
     n_novel = min(cfg.stream.novel_samples, len(novel_pool))
     return memory, build_stream(known_pool, novel_pool, n_known, n_novel, cfg.stream.batch_size, cfg.seed)
+
+
+def whole_stream(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """(rehearsal memory, the stream as one image set) exactly as `adaptation_data` builds them, for studies
+    that adapt on the whole stream at once (memory_pu's final state is the same either way)."""
+    memory, batches = adaptation_data(cfg, split, novel_pool)
+    stream = ImageSet(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]),
+                      batches[0].classes, f"{novel_pool.name}-stream")
+    return memory, stream
 
 
 def adapt_session(session: Session, stream: list[ImageSet], progress: bool = True,

@@ -104,6 +104,26 @@ def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
     assert any(k.startswith("single_head_acc/per_sample/") for k in metrics)
 
 
+def test_pu_ceiling_puts_the_label_free_heads_beside_heads_trained_on_the_stream_labels(trained, tmp_path, check_results):
+    spec = importlib.util.spec_from_file_location("pu_ceiling", ROOT / "benchmarks/pu_ceiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ceiling"
+    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                       "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
+    metrics = _result(out)["metrics"]
+    methods = ("memory_pu", "stream_labels")
+    assert set(metrics) == {f"{family}/{protocol}/{method}/digits-9_vs_9" for method in methods
+                            for protocol in ("per_sample", "homogeneous_batches")
+                            for family in ("auroc", "aupr_in", "aupr_out", "fpr95")} | \
+        {f"novel_share/{method}/digits-9_vs_9" for method in methods}
+    assert metrics["novel_share/stream_labels/digits-9_vs_9"] == pytest.approx(120 / 220)  # digits.yaml's stream
+    for method in methods:  # feature heads score each input alone: the protocols agree
+        assert metrics[f"auroc/per_sample/{method}/digits-9_vs_9"] == \
+            metrics[f"auroc/homogeneous_batches/{method}/digits-9_vs_9"] > 0.8
+    check_results(out)
+
+
 def test_evaluate_adapts_to_an_outside_ood_set(trained, tmp_path, shared_data):
     """MNIST digits (another data set, with classes of its own) as the novel input type of a digits run."""
     out = tmp_path / "mnist"

@@ -167,6 +167,31 @@ class SelfSupervisedDetector(Detector):
         _, self.pu_heads, memory_scores, self.novel_share = best
         self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
 
+    def fit_confirmed(self, pool: Observations, novel: torch.Tensor) -> None:
+        """memory_pu's heads trained on the memory vs the pool samples that `novel` (bool [N]) marks.
+
+        What the rounds would reach if the stream's novel samples were known: labels an operator
+        confirmed, or a benchmark's ceiling for the label-free rounds (benchmarks/pu_ceiling.py). The
+        pool is replaced; the threshold comes from the memory's out-of-fold scores, as in `observe`.
+        """
+        if self.mode != "memory_pu":
+            raise StateError(f"fit_confirmed trains memory_pu heads; this detector runs mode {self.mode!r}")
+        if self.memory is None:
+            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+        folds = self.config.pu_folds
+        if novel.shape != (len(pool),) or novel.dtype != torch.bool:
+            raise InputError(f"novel must be a bool mask of shape [{len(pool)}], got {novel.dtype} {tuple(novel.shape)}")
+        if int(novel.sum()) < 2 * folds:
+            raise InputError(f"{int(novel.sum())} confirmed novel samples; the {folds} cross-fitted heads need at "
+                             f"least {2 * folds}")
+        self.pool = self._stored(pool)
+        memory_folds, pool_folds = self._fold_layout(len(pool), folds)
+        with tqdm(total=folds, desc="memory_pu heads", disable=not self.progress, leave=False) as bar:
+            self.pu_heads, memory_scores, _ = self._cross_fit(
+                self.memory, self.pool, memory_folds, pool_folds, torch.nonzero(novel).flatten(), 0, bar)
+        self.novel_share = float(novel.float().mean())
+        self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
+
     def out_of_fold_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory, pool) scores of the kept round, each sample scored by the fold head that did not
         train on it: what the threshold and the round selection were read from."""
