@@ -21,10 +21,10 @@ The decision threshold is the `target_fpr` conformal quantile of the memory's ou
 Only round 0 is strictly out-of-fold: from round 1 on, the candidates a fold's head trains on were
 ranked by the other folds' heads, which did train on that fold, so a fold's memory samples come out
 a little more known-looking than unseen known data, and the stream's known samples a little more
-novel. Measured on CIFAR-10 (width 16, cat held out, kept round 1): memory vs the stream's known
-samples 0.56 AUROC where 0.5 is unbiased, novel share 0.77 where round 0 said 0.72 and the truth
-is 0.71 (benchmarks/results/cifar10_cpu_pu_ceiling_cat). Later rounds still score unseen test
-images better (0.916 vs 0.906 for round 0 alone there); nested cross-fitting would remove the bias.
+novel. Measured on CIFAR-10 (width 16, cat held out, benchmarks/results/cifar10_cpu_pu_ceiling_cat
+and ..._cat_one_round): out-of-fold memory vs the stream's known samples 0.56 AUROC (0.52 with round
+0 alone; 0.5 is unbiased), novel share 0.77 (round 0 alone: 0.72; truth 0.71). The later rounds
+still score unseen test images better (0.916 vs 0.906); nested cross-fitting would remove the bias.
 """
 
 from __future__ import annotations
