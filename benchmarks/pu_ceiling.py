@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     split = data.split
     classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
     tag = dataset_tag(cfg, split)
+
     def embedded(images: ImageSet) -> Observations:
         return embed_as_kept(cfg.detector, classifier, images, device)
 
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         novel = torch.from_numpy(stream.labels == len(split.known_classes))
         detectors = {name: SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, args.progress)
                      for name in METHODS}
+        memory_obs = embedded(memory)
         for detector in detectors.values():
-            detector.set_memory(embedded(memory), torch.from_numpy(memory.labels))
+            detector.set_memory(memory_obs, torch.from_numpy(memory.labels))
         detectors["memory_pu"].observe(stream_obs)
         detectors["stream_labels"].fit_confirmed(stream_obs, novel)
         target_test = embedded(target.test)

@@ -151,7 +151,7 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
 
 
 def embed_as_kept(config: DetectorConfig, classifier: FrozenClassifier, data: ImageSet,
-                   device: torch.device) -> Observations:
+                  device: torch.device) -> Observations:
     """Embed with what the self-supervised detector of `config` keeps: pixels for a pixel head, layer
     statistics for a head reading them."""
     return embed(classifier, data, device, keep_images=keeps_images(config),
@@ -173,7 +173,8 @@ def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet
 
 def whole_stream(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, ImageSet]:
     """(rehearsal memory, the stream as one image set) exactly as `adaptation_data` builds them, for studies
-    that adapt on the whole stream at once (memory_pu's final state is the same either way)."""
+    that adapt on the whole stream at once: every memory_pu fit starts afresh from memory and pool, so
+    while the stream fits in `detector.pool_size` the final state is the one batch-wise observing reaches."""
     memory, batches = adaptation_data(cfg, split, novel_pool)
     stream = ImageSet(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]),
                       batches[0].classes, f"{novel_pool.name}-stream")
