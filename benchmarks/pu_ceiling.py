@@ -12,6 +12,9 @@ can move. `novel_share` is the share of novel samples in the stream: memory_pu's
 truth beside it. `memory_vs_stream_known_auroc` compares the out-of-fold scores of the memory with
 those of the stream's known samples, two draws of the same known data: 0.5 when the cross-fitting is
 unbiased (see the memory_pu notes in edge_runtime/detectors/self_supervised.py).
+`false_alarm_rate` and `novel_flagged_rate` are the shares of the known and the target's test images
+that `is_novel` flags at the threshold calibrated on the memory: the first should stay near
+`detector.target_fpr`.
 
     python benchmarks/pu_ceiling.py --config configs/cifar10-fastnet.yaml --set model.width=16 \\
         --classifier DIR/classifier.safetensors --out OUT
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 values = ood_metrics(idd, ood)
                 metrics |= {metric_key(metric, protocol, name, pair): value for metric, value in values.items()}
                 row.append(values["auroc"])
+            for family, images in (("false_alarm_rate", known_test), ("novel_flagged_rate", target_test)):
+                rate = detector.is_novel(images).float().mean().item()
+                metrics[metric_key(family, name, pair)] = rate
+                row.append(rate)
             memory_scores, pool_scores = detector.out_of_fold_scores()
             bias = ood_metrics(memory_scores.numpy(), pool_scores[~novel].numpy())["auroc"]
             metrics[metric_key("novel_share", name, pair)] = detector.novel_share
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/pu_ceiling.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["target", "heads trained on", *(f"AUROC {p}" for p in PROTOCOLS),
+                              f"known flagged (target {cfg.detector.target_fpr})", "novel flagged",
                               "novel share (estimated / true)", "memory vs stream's known, out of fold"]))
     print(f"IDD (known test images) is the positive class of AUROC; results in {out / 'result.json'}")
     return 0

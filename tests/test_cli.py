@@ -117,13 +117,16 @@ def test_pu_ceiling_puts_the_label_free_heads_beside_heads_trained_on_the_stream
                             for protocol in ("per_sample", "homogeneous_batches")
                             for family in ("auroc", "aupr_in", "aupr_out", "fpr95")} | \
         {f"{family}/{method}/digits-9_vs_9" for method in methods
-         for family in ("novel_share", "memory_vs_stream_known_auroc")}
+         for family in ("novel_share", "memory_vs_stream_known_auroc", "false_alarm_rate", "novel_flagged_rate")}
     assert metrics["novel_share/stream_labels/digits-9_vs_9"] == pytest.approx(120 / 220)  # digits.yaml's stream
     for method in methods:  # feature heads score each input alone: the protocols agree
         assert metrics[f"auroc/per_sample/{method}/digits-9_vs_9"] == \
             metrics[f"auroc/homogeneous_batches/{method}/digits-9_vs_9"] > 0.8
     # One round on confirmed labels is strictly out-of-fold: memory and the stream's known digits alike.
     assert 0.35 <= metrics["memory_vs_stream_known_auroc/stream_labels/digits-9_vs_9"] <= 0.65
+    for method in methods:  # threshold from a 100-sample memory at 5%: measured 0.04-0.05 and 0.93-0.96
+        assert metrics[f"false_alarm_rate/{method}/digits-9_vs_9"] <= 0.15
+        assert metrics[f"novel_flagged_rate/{method}/digits-9_vs_9"] >= 0.8
     check_results(out)
 
 
