@@ -112,6 +112,28 @@ def test_state_round_trip_gives_identical_scores(memory_pu, digits_stream):
             memory_pu.state_dict())
 
 
+def test_no_head_depends_on_the_fold_it_scores(digits_stream):
+    """Nested cross-fitting: in every round, fold 0's head and the candidates it trains on come from the
+    other folds alone, so rescaling fold 0's stream samples by 0.9 leaves that head as it was, and not the others."""
+    config = DetectorConfig(pu_rounds=3, pu_head=BinaryHeadConfig(arch="feature_head", epochs=5))
+
+    def adapting() -> SelfSupervisedDetector:
+        detector = SelfSupervisedDetector(digits_stream["classifier"], config)
+        detector.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
+        return detector
+
+    stream, probe = digits_stream["stream"], digits_stream["novel_test"]
+    _, pool_folds = adapting()._fold_layout(len(stream), config.pu_folds)
+    scale = torch.where(pool_folds == 0, 0.9, 1.0)[:, None]
+    original = list(adapting()._rounds(Observations(None, stream.features, stream.logits)))
+    perturbed = list(adapting()._rounds(Observations(None, stream.features * scale, stream.logits * scale)))
+    assert len(original) == len(perturbed) == config.pu_rounds
+    for before, after in zip(original, perturbed):
+        assert torch.equal(before.heads[0].logit(probe), after.heads[0].logit(probe))
+        for fold in range(1, config.pu_folds):
+            assert not torch.equal(before.heads[fold].logit(probe), after.heads[fold].logit(probe))
+
+
 def test_memory_pu_refuses_to_run_without_what_it_needs(digits_stream):
     detector = SelfSupervisedDetector(digits_stream["classifier"])
     with pytest.raises(StateError, match="set_memory"):

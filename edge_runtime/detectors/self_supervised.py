@@ -18,18 +18,18 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
     known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
     model selection without a single label of the stream.
 The decision threshold is the `target_fpr` conformal quantile of the memory's out-of-fold scores.
-Only round 0 is strictly out-of-fold: from round 1 on, the candidates a fold's head trains on were
-ranked by the other folds' heads, which did train on that fold, so a fold's memory samples come out
-a little more known-looking than unseen known data, and the stream's known samples a little more
-novel. Measured on CIFAR-10 (width 16, cat held out, benchmarks/results/cifar10_cpu_pu_ceiling_cat
-and ..._cat_one_round): out-of-fold memory vs the stream's known samples 0.56 AUROC (0.52 with round
-0 alone; 0.5 is unbiased), novel share 0.77 (round 0 alone: 0.72; truth 0.71). The later rounds
-still score unseen test images better (0.916 vs 0.906); nested cross-fitting would remove the bias.
+Cross-fitting is nested, so that every score is truly out of fold: fold f's head trains on
+candidates that a chain of inner heads, none of which saw fold f, chose and counted (step 2 run on
+the other folds). Ranked instead by the previous round's heads, which all but one saw fold f, a
+fold's memory samples came out more known-looking than unseen known data, and the threshold let
+through more false alarms than `target_fpr`. Nesting costs about twice the head training.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +43,20 @@ from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.errors import InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
+
+@dataclass(frozen=True)
+class CrossFitRound:
+    """One memory_pu round: a head per fold, and the scores each gave the fold it did not train on."""
+
+    heads: list[BinaryHead]
+    memory_scores: torch.Tensor
+    pool_scores: torch.Tensor
+
+    @property
+    def separation(self) -> float:
+        """Out-of-fold AUROC of memory vs pool: the label-free criterion rounds are chosen by."""
+        return ood_metrics(self.memory_scores.numpy(), self.pool_scores.numpy())["auroc"]
+
 
 # Memory quantiles at which the known share of the stream is read off (see step 2 above).
 KNOWN_SHARE_QUANTILES = (0.25, 0.5, 0.75)
@@ -148,31 +162,68 @@ class SelfSupervisedDetector(Detector):
     # -- memory_pu ----------------------------------------------------------------------------
 
     def _memory_pu_fit(self, pool: Observations) -> None:
-        """Rounds of cross-fitted memory-vs-candidates heads; keep the round separating best."""
-        memory = self.memory
-        folds = self.config.pu_folds
+        """Run the rounds; keep the one whose heads separate memory from pool best, out of fold."""
+        kept = max(self._rounds(pool), key=lambda fitted: fitted.separation)
+        self.pu_heads = kept.heads
+        self.novel_share = 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores)
+        self.threshold = threshold_at_fpr(kept.memory_scores, self.config.target_fpr)
+
+    def _rounds(self, pool: Observations) -> Iterator[CrossFitRound]:
+        """memory_pu's rounds in order; ends early when a chain keeps too few candidates to train on."""
+        folds, rounds = self.config.pu_folds, self.config.pu_rounds
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
         gradient_scores = None
         if self.config.pu_ranking == "head_and_gradient":
             gradient_scores = self.gradient.score(pool).cpu()
-        candidates = torch.arange(len(pool))
-        best = None
-        bar = tqdm(total=self.config.pu_rounds * folds, desc="memory_pu heads", disable=not self.progress, leave=False)
-        for round_index in range(self.config.pu_rounds):
-            heads, memory_scores, pool_scores = self._cross_fit(
-                memory, pool, memory_folds, pool_folds, candidates, round_index, bar)
-            separation = ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"]
-            known_share = estimate_known_share(memory_scores, pool_scores)
-            if best is None or separation > best[0]:
-                best = (separation, heads, memory_scores, 1.0 - known_share)
-            ranking = pool_scores if gradient_scores is None else _rank(pool_scores) + _rank(gradient_scores)
-            novel_count = round((1.0 - known_share) * len(pool))
+        chains = [torch.arange(len(pool))] * folds  # each outer fold's OOD candidates, chosen without it
+        with tqdm(total=rounds * folds + (rounds - 1) * folds * (folds - 1), desc="memory_pu heads",
+                  disable=not self.progress, leave=False) as bar:
+            for round_index in range(rounds):
+                yield self._cross_fit(pool, memory_folds, pool_folds, chains, round_index, bar)
+                if round_index + 1 < rounds:
+                    chains = self._next_chains(pool, memory_folds, pool_folds, chains, round_index, gradient_scores, bar)
+                if chains is None:
+                    return
+
+    def _next_chains(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
+                     chains: list[torch.Tensor], round_index: int, gradient_scores: torch.Tensor | None,
+                     bar: tqdm) -> list[torch.Tensor] | None:
+        """Each outer fold's candidates for the next round, from an inner cross-fit that never sees that fold.
+
+        Outer fold f's chain: one inner head per other fold g, trained without f and g on the chain's
+        candidates, scores fold g; from these out-of-fold scores the chain estimates the known share and
+        ranks its samples. Heads with the same training data are shared between chains (all of round 0).
+        None when some chain keeps fewer than 2 x folds candidates.
+        """
+        folds = len(chains)
+        shared: dict[tuple[frozenset[int], bytes], BinaryHead] = {}
+        next_chains = []
+        for outer, candidates in enumerate(chains):
+            visible_memory = torch.nonzero(memory_folds != outer).flatten()
+            visible_pool = torch.nonzero(pool_folds != outer).flatten()
+            memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(pool))
+            for inner in range(folds):
+                if inner == outer:
+                    continue
+                excluded = frozenset((outer, inner))
+                key = (excluded, candidates.numpy().tobytes())
+                if key not in shared:
+                    seed = self.seed + 1000 * round_index + 100 + folds * min(excluded) + max(excluded)
+                    shared[key] = self._fold_head(pool, memory_folds, pool_folds, candidates, excluded, seed)
+                held_memory = torch.nonzero(memory_folds == inner).flatten()
+                held_pool = torch.nonzero(pool_folds == inner).flatten()
+                memory_scores[held_memory] = shared[key].logit(self.memory.select(held_memory)).cpu()
+                pool_scores[held_pool] = shared[key].logit(pool.select(held_pool)).cpu()
+                bar.update()
+            known_share = estimate_known_share(memory_scores[visible_memory], pool_scores[visible_pool])
+            ranking = pool_scores[visible_pool]
+            if gradient_scores is not None:
+                ranking = _rank(ranking) + _rank(gradient_scores[visible_pool])
+            novel_count = round((1.0 - known_share) * len(visible_pool))
             if novel_count < 2 * folds:
-                break  # too few candidates left to train every fold on
-            candidates = ranking.argsort(descending=True)[:novel_count]
-        bar.close()
-        _, self.pu_heads, memory_scores, self.novel_share = best
-        self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
+                return None
+            next_chains.append(visible_pool[ranking.argsort(descending=True)[:novel_count]])
+        return next_chains
 
     def fit_confirmed(self, pool: Observations, novel: torch.Tensor) -> None:
         """memory_pu's heads trained on the memory vs the pool samples that `novel` (bool [N]) marks.
@@ -194,10 +245,10 @@ class SelfSupervisedDetector(Detector):
         self.pool = self._stored(pool)
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
         with tqdm(total=folds, desc="memory_pu heads", disable=not self.progress, leave=False) as bar:
-            self.pu_heads, memory_scores, _ = self._cross_fit(
-                self.memory, self.pool, memory_folds, pool_folds, torch.nonzero(novel).flatten(), 0, bar)
+            fitted = self._cross_fit(self.pool, memory_folds, pool_folds, [torch.nonzero(novel).flatten()] * folds, 0, bar)
+        self.pu_heads = fitted.heads
         self.novel_share = float(novel.float().mean())
-        self.threshold = threshold_at_fpr(memory_scores, self.config.target_fpr)
+        self.threshold = threshold_at_fpr(fitted.memory_scores, self.config.target_fpr)
 
     def out_of_fold_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory, pool) scores of the kept round, each sample scored by the fold head that did not
@@ -218,28 +269,33 @@ class SelfSupervisedDetector(Detector):
         return (torch.randperm(len(self.memory), generator=generator) % folds,
                 torch.randperm(pool_size, generator=generator) % folds)
 
-    def _cross_fit(self, memory: Observations, pool: Observations, memory_folds: torch.Tensor,
-                   pool_folds: torch.Tensor, candidates: torch.Tensor, round_index: int,
-                   bar: tqdm) -> tuple[list[BinaryHead], torch.Tensor, torch.Tensor]:
-        """One head per fold, trained on the other folds; out-of-fold scores of memory and pool."""
-        is_candidate = torch.zeros(len(pool), dtype=torch.bool)
-        is_candidate[candidates] = True
-        memory_scores, pool_scores = torch.zeros(len(memory)), torch.zeros(len(pool))
+    def _cross_fit(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
+                   chains: list[torch.Tensor], round_index: int, bar: tqdm) -> CrossFitRound:
+        """One head per fold, trained on the other folds against that fold's chain of candidates."""
+        memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(pool))
         heads = []
-        for fold in range(self.config.pu_folds):
-            known = torch.nonzero(memory_folds != fold).flatten()
-            novel = torch.nonzero((pool_folds != fold) & is_candidate).flatten()
-            samples = Observations.concat([memory.select(known), pool.select(novel)])
-            targets = torch.cat([torch.zeros(len(known)), torch.ones(len(novel))])
-            seed = self.seed + 1000 * round_index + fold
-            head = BinaryHead(self.config.pu_head.arch, self.config.pu_head, seed).fit(samples, targets)
+        for fold, candidates in enumerate(chains):
+            head = self._fold_head(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
+                                   self.seed + 1000 * round_index + fold)
             held_memory = torch.nonzero(memory_folds == fold).flatten()
             held_pool = torch.nonzero(pool_folds == fold).flatten()
-            memory_scores[held_memory] = head.logit(memory.select(held_memory)).cpu()
+            memory_scores[held_memory] = head.logit(self.memory.select(held_memory)).cpu()
             pool_scores[held_pool] = head.logit(pool.select(held_pool)).cpu()
             heads.append(head)
             bar.update()
-        return heads, memory_scores, pool_scores
+        return CrossFitRound(heads, memory_scores, pool_scores)
+
+    def _fold_head(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
+                   candidates: torch.Tensor, excluded: frozenset[int], seed: int) -> BinaryHead:
+        """A head trained on the memory (0) vs the candidates (1), both outside the `excluded` folds."""
+        is_candidate = torch.zeros(len(pool), dtype=torch.bool)
+        is_candidate[candidates] = True
+        outside = torch.tensor(sorted(excluded))
+        known = torch.nonzero(~torch.isin(memory_folds, outside)).flatten()
+        novel = torch.nonzero(~torch.isin(pool_folds, outside) & is_candidate).flatten()
+        samples = Observations.concat([self.memory.select(known), pool.select(novel)])
+        targets = torch.cat([torch.zeros(len(known)), torch.ones(len(novel))])
+        return BinaryHead(self.config.pu_head.arch, self.config.pu_head, seed).fit(samples, targets)
 
     # -- state --------------------------------------------------------------------------------
 
