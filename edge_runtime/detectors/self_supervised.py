@@ -22,7 +22,9 @@ Cross-fitting is nested, so that every score is truly out of fold: fold f's head
 candidates that a chain of inner heads, none of which saw fold f, chose and counted (step 2 run on
 the other folds). Ranked instead by the previous round's heads, which all but one saw fold f, a
 fold's memory samples came out more known-looking than unseen known data, and the threshold let
-through more false alarms than `target_fpr`. Nesting costs about twice the head training.
+through more false alarms than `target_fpr` (CIFAR-10, width 16, at 0.05: 0.049-0.090 of the known
+test images before nesting, 0.018-0.045 nested; benchmarks/results/cifar10_cpu_pu_ceiling_*).
+Nesting costs about twice the head training.
 """
 
 from __future__ import annotations
