@@ -88,12 +88,13 @@ def test_a_layer_that_runs_twice_per_pass_is_refused():
         classifier.embed_with_stats(torch.zeros(2, 1, 8, 8), ("0",))
 
 
-def test_memory_pu_reading_layer_statistics_detects_the_held_out_digit(digits):
+def test_memory_pu_reading_layer_statistics_detects_the_held_out_digit(digits, record_property):
     session, _ = digits
     test = load_digits_split("test")
     prediction = session.predict(test.images)
     metrics = ood_metrics(prediction.scores[test.labels != 9], prediction.scores[test.labels == 9])
-    # Measured 0.997 on this 8-epoch classifier (MSP in the committed digits evaluate: 0.981).
+    record_property("auroc_per_sample", metrics["auroc"])
+    # Measured 0.995 on this 8-epoch classifier (MSP in the committed digits evaluate: 0.981).
     assert metrics["auroc"] >= 0.95
     assert session.memory.stats is not None and session.memory.stats.shape == (session.memory.budget, 192)
 

@@ -64,7 +64,7 @@ def test_adapted_session_learns_the_tenth_digit(adapted, digits, record_property
     test = embed(digits["classifier"], split.test, torch.device("cpu"), keep_images=adapted.keep_pixels)
     accuracy = session_accuracy(adapted, test, split.test.labels, 200)
     record_property("single_head_acc_per_sample", accuracy["per_sample"])
-    # Measured 0.94 (the classifier alone, never answering 9, gets at most 0.90 of the 10 classes).
+    # Measured 0.97 (the classifier alone, never answering 9, gets at most 0.90 of the 10 classes).
     assert accuracy["per_sample"] >= 0.9
     prediction = adapted.predict(split.test.images[:500])
     assert prediction.labels.dtype == np.int64 and prediction.novel.dtype == bool
@@ -190,7 +190,8 @@ def test_a_save_killed_before_the_rename_leaves_the_previous_state(adapted, tmp_
         worker.wait()
     assert worker.returncode == -signal.SIGKILL
     leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert leftovers and leftovers[0].stat().st_size == len(before)  # the new state was fully written...
+    # The new state was fully written...
+    assert leftovers and Session.load(leftovers[0]).observed == adapted.observed + 1000
     assert path.read_bytes() == before  # ...but never replaced the old one
     assert Session.load(path).observed == adapted.observed
 
@@ -278,7 +279,7 @@ def test_session_learns_a_novel_condition_as_the_tenth_type(name, extra, record_
     test = embed(classifier, split.test, torch.device("cpu"), keep_images=session.keep_pixels)
     accuracy = session_accuracy(session, test, split.test.labels, 200)["per_sample"]
     record_property("single_head_acc_per_sample", accuracy)
-    # Measured 0.981 (core method) and 0.971 (VAE gradients at the last decoder layer); the
+    # Measured 0.977 (core method) and 0.974 (VAE gradients at the last decoder layer); the
     # classifier alone, never answering 'haze-3', gets at most half of this test split right.
     assert session.classes[-1] == "haze-3" and accuracy >= 0.9
 

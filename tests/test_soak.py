@@ -51,7 +51,7 @@ def check_bounds(session: Session) -> None:
     assert sum(len(batch) for batch in session._pending) < SETTINGS["session.adapt_every"]
 
 
-def test_a_long_stream_keeps_the_session_bounded_and_working():
+def test_a_long_stream_keeps_the_session_bounded_and_working(record_property):
     torch.set_num_threads(1)
     session, stream = digits_session(SETTINGS)
     nines = stream.labels == 9
@@ -75,7 +75,10 @@ def test_a_long_stream_keeps_the_session_bounded_and_working():
     assert session.rounds - rounds_before == FRAMES // SETTINGS["session.adapt_every"]
     assert session.memory_footprint() == footprint
     assert rss_growth < RSS_GROWTH_LIMIT, f"resident memory grew by {rss_growth / 2**20:.1f} MiB"
-    # Still a detector after 55 rounds (measured: 0.8-0.9 of the 9s flagged, at most 0.06 of the rest).
+    # Still a detector after 55 rounds (measured: 0.91 of the 9s flagged, 0.06 of the rest).
     nines = stream.labels == 9
-    assert session.predict(stream.images[nines][:64]).novel.mean() >= 0.6
-    assert session.predict(stream.images[~nines][:64]).novel.mean() <= 0.2
+    flagged_nines = session.predict(stream.images[nines][:64]).novel.mean()
+    flagged_rest = session.predict(stream.images[~nines][:64]).novel.mean()
+    record_property("flagged_nines", flagged_nines)
+    record_property("flagged_rest", flagged_rest)
+    assert flagged_nines >= 0.6 and flagged_rest <= 0.2

@@ -183,7 +183,8 @@ class SelfSupervisedDetector(Detector):
             for round_index in range(rounds):
                 yield self._cross_fit(pool, memory_folds, pool_folds, chains, round_index, bar)
                 if round_index + 1 < rounds:
-                    chains = self._next_chains(pool, memory_folds, pool_folds, chains, round_index, gradient_scores, bar)
+                    chains = self._next_chains(pool, memory_folds, pool_folds, chains, round_index,
+                                               gradient_scores, bar)
                 if chains is None:
                     return
 
@@ -247,7 +248,8 @@ class SelfSupervisedDetector(Detector):
         self.pool = self._stored(pool)
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
         with tqdm(total=folds, desc="memory_pu heads", disable=not self.progress, leave=False) as bar:
-            fitted = self._cross_fit(self.pool, memory_folds, pool_folds, [torch.nonzero(novel).flatten()] * folds, 0, bar)
+            chains = [torch.nonzero(novel).flatten()] * folds
+            fitted = self._cross_fit(self.pool, memory_folds, pool_folds, chains, 0, bar)
         self.pu_heads = fitted.heads
         self.novel_share = float(novel.float().mean())
         self.threshold = threshold_at_fpr(fitted.memory_scores, self.config.target_fpr)
