@@ -24,7 +24,7 @@ the other folds). Ranked instead by the previous round's heads, which all but on
 fold's memory samples came out more known-looking than unseen known data, and the threshold let
 through more false alarms than `target_fpr` (CIFAR-10, width 16, at 0.05: 0.049-0.090 of the known
 test images before nesting, 0.018-0.045 nested; benchmarks/results/cifar10_cpu_pu_ceiling_*).
-Nesting costs about twice the head training.
+Nesting trains more, smaller heads: 30 instead of 12 at the default 4 folds and 3 rounds.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.errors import InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
+
 
 @dataclass(frozen=True)
 class CrossFitRound:
