@@ -113,8 +113,8 @@ class SelfSupervisedDetector(Detector):
 
     def observe(self, batch: Observations) -> None:
         """Add an unlabeled batch to the pool (the most recent `pool_size` are kept) and re-learn."""
-        if self.mode == "memory_pu" and self.memory is None:
-            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+        if self.mode == "memory_pu":
+            self._require_memory()
         batch = self._stored(batch)
         pool = batch if self.pool is None else Observations.concat([self.pool, batch])
         if len(pool) > self.config.pool_size:
@@ -205,7 +205,7 @@ class SelfSupervisedDetector(Detector):
         for outer, candidates in enumerate(chains):
             visible_memory = torch.nonzero(memory_folds != outer).flatten()
             visible_pool = torch.nonzero(pool_folds != outer).flatten()
-            memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(pool))
+            inner_heads = {}
             for inner in range(folds):
                 if inner == outer:
                     continue
@@ -214,11 +214,9 @@ class SelfSupervisedDetector(Detector):
                 if key not in shared:
                     seed = self.seed + 1000 * round_index + 100 + folds * min(excluded) + max(excluded)
                     shared[key] = self._fold_head(pool, memory_folds, pool_folds, candidates, excluded, seed)
-                held_memory = torch.nonzero(memory_folds == inner).flatten()
-                held_pool = torch.nonzero(pool_folds == inner).flatten()
-                memory_scores[held_memory] = shared[key].logit(self.memory.select(held_memory)).cpu()
-                pool_scores[held_pool] = shared[key].logit(pool.select(held_pool)).cpu()
+                inner_heads[inner] = shared[key]
                 bar.update()
+            memory_scores, pool_scores = self._held_out_scores(inner_heads, pool, memory_folds, pool_folds)
             known_share = estimate_known_share(memory_scores[visible_memory], pool_scores[visible_pool])
             ranking = pool_scores[visible_pool]
             if gradient_scores is not None:
@@ -238,11 +236,11 @@ class SelfSupervisedDetector(Detector):
         """
         if self.mode != "memory_pu":
             raise StateError(f"fit_confirmed trains memory_pu heads; this detector runs mode {self.mode!r}")
-        if self.memory is None:
-            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+        self._require_memory()
         folds = self.config.pu_folds
         if novel.shape != (len(pool),) or novel.dtype != torch.bool:
-            raise InputError(f"novel must be a bool mask of shape [{len(pool)}], got {novel.dtype} {tuple(novel.shape)}")
+            raise InputError(f"novel must be a bool mask of shape [{len(pool)}], "
+                             f"got {novel.dtype} {tuple(novel.shape)}")
         if int(novel.sum()) < 2 * folds:
             raise InputError(f"{int(novel.sum())} confirmed novel samples; the {folds} cross-fitted heads need at "
                              f"least {2 * folds}")
@@ -259,14 +257,7 @@ class SelfSupervisedDetector(Detector):
         """(memory, pool) scores of the kept round, each sample scored by the fold head that did not
         train on it: what the threshold and the round selection were read from."""
         heads = self._trained_pu_heads()
-        memory_folds, pool_folds = self._fold_layout(len(self.pool), len(heads))
-        memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(self.pool))
-        for fold, head in enumerate(heads):
-            held_memory = torch.nonzero(memory_folds == fold).flatten()
-            held_pool = torch.nonzero(pool_folds == fold).flatten()
-            memory_scores[held_memory] = head.logit(self.memory.select(held_memory)).cpu()
-            pool_scores[held_pool] = head.logit(self.pool.select(held_pool)).cpu()
-        return memory_scores, pool_scores
+        return self._held_out_scores(dict(enumerate(heads)), self.pool, *self._fold_layout(len(self.pool), len(heads)))
 
     def _fold_layout(self, pool_size: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold index of every memory and pool sample, seeded: the same layout for fitting and re-scoring."""
@@ -277,18 +268,23 @@ class SelfSupervisedDetector(Detector):
     def _cross_fit(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
                    chains: list[torch.Tensor], round_index: int, bar: tqdm) -> CrossFitRound:
         """One head per fold, trained on the other folds against that fold's chain of candidates."""
-        memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(pool))
         heads = []
         for fold, candidates in enumerate(chains):
-            head = self._fold_head(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
-                                   self.seed + 1000 * round_index + fold)
+            heads.append(self._fold_head(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
+                                         self.seed + 1000 * round_index + fold))
+            bar.update()
+        return CrossFitRound(heads, *self._held_out_scores(dict(enumerate(heads)), pool, memory_folds, pool_folds))
+
+    def _held_out_scores(self, heads: dict[int, BinaryHead], pool: Observations, memory_folds: torch.Tensor,
+                         pool_folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory, pool) scores, each fold that `heads` maps scored by its head; other folds stay 0."""
+        memory_scores, pool_scores = torch.zeros(len(self.memory)), torch.zeros(len(pool))
+        for fold, head in heads.items():
             held_memory = torch.nonzero(memory_folds == fold).flatten()
             held_pool = torch.nonzero(pool_folds == fold).flatten()
             memory_scores[held_memory] = head.logit(self.memory.select(held_memory)).cpu()
             pool_scores[held_pool] = head.logit(pool.select(held_pool)).cpu()
-            heads.append(head)
-            bar.update()
-        return CrossFitRound(heads, memory_scores, pool_scores)
+        return memory_scores, pool_scores
 
     def _fold_head(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
                    candidates: torch.Tensor, excluded: frozenset[int], seed: int) -> BinaryHead:
@@ -353,6 +349,10 @@ class SelfSupervisedDetector(Detector):
         if self.paper_head is None:
             raise StateError("paper mode has no binary head yet: observe() stream batches first")
         return self.paper_head
+
+    def _require_memory(self) -> None:
+        if self.memory is None:
+            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
 
     def _trained_pu_heads(self) -> list[BinaryHead]:
         if not self.pu_heads:
