@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from classifier_fixture import fitted_digits_gradients
+from kernel_cases import ODD_SHAPE_BOUND, random_last_layer_case, relative_error
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -47,10 +48,6 @@ def digits_case():
     return features, logits.softmax(dim=1), means, precision
 
 
-def _relative_error(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return (scores.double() - reference).abs() / reference.abs()
-
-
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])  # Jetson Orin, H100
 def test_sources_compile_cleanly_with_nvcc(tmp_path, arch):
     if find_nvcc() is None:
@@ -68,7 +65,7 @@ def test_emulated_kernel_matches_float64_on_real_digits(digits_case, variant):
     labels = probs.argmax(dim=1)
     reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
     scores = cuda_last_layer_scores(features, probs, labels, stats, backend="host_emulation")
-    assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
+    assert relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16w"])  # the upper-half walk and the whitened one
@@ -78,26 +75,18 @@ def test_emulated_kernel_with_given_labels(digits_case, variant):
     reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
     scores = cuda_last_layer_scores(features, probs, labels, prepare_last_layer_stats(means, precision, variant),
                                     backend="host_emulation")
-    assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
+    assert relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
 
 
 @pytest.mark.parametrize(("batch", "classes", "feature_dim"), [(1, 3, 5), (70, 4, 40)])
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "fp16w", "bf16w"])
 def test_emulated_kernel_on_odd_shapes(batch, classes, feature_dim, variant):
     """K below one 32-wide tile with one sample; D = 40 (tiles of 32 and 8) over two 64-sample blocks."""
-    generator = torch.Generator().manual_seed(batch + classes)
-    dim = classes * (feature_dim + 1)
-    features = torch.randn(batch, feature_dim, generator=generator).relu()
-    probs = (2 * torch.randn(batch, classes, generator=generator)).softmax(dim=1)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
-    means = 0.1 * torch.randn(classes, dim, generator=generator, dtype=torch.float64)
-    root = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    precision = root @ root.T / dim + torch.eye(dim, dtype=torch.float64)
-    reference = last_layer_scores(features.double(), probs.double(), labels, means, precision)
+    features, probs, labels, means, precision, reference = random_last_layer_case(batch, classes, feature_dim,
+                                                                                  seed=batch + classes)
     scores = cuda_last_layer_scores(features, probs, labels, prepare_last_layer_stats(means, precision, variant),
                                     backend="host_emulation")
-    bound = {"fp32": 1e-6, "bf16": 1e-2, "fp16w": 1e-3, "bf16w": 1e-2}[variant]
-    assert _relative_error(scores, reference).max() <= bound
+    assert relative_error(scores, reference).max() <= ODD_SHAPE_BOUND[variant]
 
 
 def test_emulated_per_sample_conv_gradients_match_torch_func():
@@ -165,4 +154,4 @@ def test_gpu_kernel_matches_float64(digits_case, backend, variant):
     reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
     stats = prepare_last_layer_stats(means, precision, variant)
     scores = cuda_last_layer_scores(features, probs, labels, stats, backend=backend)
-    assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
+    assert relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from classifier_fixture import fitted_digits_gradients  # noqa: E402
+from kernel_cases import ODD_SHAPE_BOUND, random_last_layer_case, relative_error  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
@@ -61,10 +62,6 @@ def digits_case():
     return features, logits.softmax(dim=1), means, precision
 
 
-def _relative_error(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return (scores.double() - reference).abs() / reference.abs()
-
-
 @pytest.mark.parametrize("variant", list(PRECISION_VARIANTS))
 def test_fused_scores_match_float64_on_real_digits(digits_case, variant):
     features, probs, means, precision = digits_case
@@ -72,10 +69,10 @@ def test_fused_scores_match_float64_on_real_digits(digits_case, variant):
     labels = probs.argmax(dim=1)
     reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
     fused = triton_fused.fused_last_layer_scores(features, probs, labels, stats, block_b=1024, block_t=64)
-    error = _relative_error(fused, reference)
+    error = relative_error(fused, reference)
     assert error.max() <= 3 * STATED_MAX_ERROR[variant], f"{variant}: max relative error {error.max():.2e}"
     # Same rounding as the unfused torch path; only the order of float32 sums differs.
-    unfused_error = _relative_error(closed_form_scores(features, probs, labels, stats), reference)
+    unfused_error = relative_error(closed_form_scores(features, probs, labels, stats), reference)
     assert error.max() <= 3 * unfused_error.max() + 1e-6
 
 
@@ -90,7 +87,7 @@ def test_given_labels_and_predicted_labels_through_dispatch(digits_case, variant
     assert name == "triton_fused"
     for labels, scores in ((shifted, given), (probs.argmax(dim=1), predicted)):
         reference = last_layer_scores(features.double(), probs.double(), labels, means.double(), precision.double())
-        assert _relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
+        assert relative_error(scores, reference).max() <= 3 * STATED_MAX_ERROR[variant]
     assert given.mean() > predicted.mean()
 
 
@@ -106,20 +103,12 @@ def test_given_labels_and_predicted_labels_through_dispatch(digits_case, variant
     (9, 9, 33, 64, "bf16w"),
 ])
 def test_odd_shapes_against_float64(batch, classes, feature_dim, block_t, variant):
-    generator = torch.Generator().manual_seed(batch * 100 + classes)
-    dim = classes * (feature_dim + 1)
-    features = torch.randn(batch, feature_dim, generator=generator).relu()
-    probs = (2 * torch.randn(batch, classes, generator=generator)).softmax(dim=1)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
-    means = 0.1 * torch.randn(classes, dim, generator=generator, dtype=torch.float64)
-    root = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    precision = root @ root.T / dim + torch.eye(dim, dtype=torch.float64)
-    reference = last_layer_scores(features.double(), probs.double(), labels, means, precision)
+    features, probs, labels, means, precision, reference = random_last_layer_case(batch, classes, feature_dim,
+                                                                                  seed=batch * 100 + classes)
     stats = prepare_last_layer_stats(means, precision, variant)
     fused = triton_fused.fused_last_layer_scores(features, probs, labels, stats, block_b=16, block_t=block_t)
-    bound = {"fp32": 1e-6, "bf16": 1e-2, "bf16x3": 1e-4, "fp16w": 1e-3, "bf16w": 1e-2}[variant]
     assert fused.shape == (batch,)
-    assert _relative_error(fused, reference).max() <= bound
+    assert relative_error(fused, reference).max() <= ODD_SHAPE_BOUND[variant]
 
 
 def test_empty_batch_gives_empty_scores(digits_case):
