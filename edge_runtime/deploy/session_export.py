@@ -12,7 +12,8 @@ import os
 from edge_runtime.continual.learner import AdaptiveHead, StaticHead
 from edge_runtime.deploy.bundle import MODEL_FILE, Bundle, FeatureHeadWeights, export_bundle
 from edge_runtime.deploy.onnx_export import export_onnx
-from edge_runtime.detectors.binary_head import BinaryHead, FeatureHead
+from edge_runtime.detectors.binary_head import BinaryHead
+from edge_runtime.detectors.feature_head import FeatureHead
 from edge_runtime.errors import ConfigError, StateError
 from edge_runtime.session import Session
 

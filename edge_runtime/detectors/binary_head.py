@@ -10,6 +10,7 @@ round never inherits a previous round's mistakes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,10 @@ from tqdm.auto import trange
 
 from edge_runtime.config import BinaryHeadConfig
 from edge_runtime.detectors.base import Observations
+from edge_runtime.detectors.feature_head import FeatureHead, HeadJob, HeadRecipe, train_feature_heads
 from edge_runtime.errors import ConfigError, InputError, StateError
+
+HeadTask = tuple[Observations, torch.Tensor, int]  # one head's (samples, targets P(OOD), seed)
 
 
 class PaperCNN(nn.Module):
@@ -46,24 +50,6 @@ class PaperCNN(nn.Module):
         return self.conv3(F.leaky_relu(x, 0.2)).mean(dim=(1, 2, 3))
 
 
-class FeatureHead(nn.Module):
-    """Standardised input vector -> hidden ReLU layer -> one logit. The binary head feeds it
-    [features, log-softmax(logits)]; vae_gradient, as the paper's 2-layer classifier, VAE features.
-
-    The standardisation (mean/std of the training inputs) is stored as buffers, so every score
-    depends on its own input only.
-    """
-
-    def __init__(self, in_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
-        self.layers = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, inputs: torch.Tensor, use_batch_stats: bool = False) -> torch.Tensor:
-        return self.layers((inputs - self.mean) / self.std).squeeze(1)
-
-
 class BinaryHead:
     """Trains and applies one IDD (target 0) / OOD (target 1) classifier; outputs P(OOD)."""
 
@@ -84,6 +70,16 @@ class BinaryHead:
         Hard pseudo-labels are 0/1; soft ones carry a belief. Both classes weigh the same in the
         loss (OOD mass is up-weighted by IDD mass / OOD mass), so a small OOD set is not ignored.
         """
+        job = self._job(samples, targets)
+        if self.arch == "feature_head":
+            (network,) = train_feature_heads([job], _recipe(self.config), self.progress)
+        else:
+            network = self._train_paper_cnn(job)
+        self.network = network.eval()
+        return self
+
+    def _job(self, samples: Observations, targets: torch.Tensor) -> HeadJob:
+        """This head's training data, checked, with its standardisation, class weight and seeds."""
         targets = targets.float()
         if targets.shape != (len(samples),) or not ((targets >= 0) & (targets <= 1)).all():
             raise InputError(f"targets must be P(OOD) in [0, 1], shape [{len(samples)}], got {tuple(targets.shape)}")
@@ -91,28 +87,34 @@ class BinaryHead:
         if ood_mass == 0 or ood_mass == len(targets):
             raise InputError("binary head targets hold one class only; need both IDD (0) and OOD (1) samples")
         inputs = self._inputs(samples)
-        network = self._new_network(inputs)
-        if isinstance(network, FeatureHead):
-            network.mean.copy_(inputs.mean(dim=0))
-            network.std.copy_(inputs.std(dim=0).clamp_min(1e-6))
-        targets = targets.to(inputs.device)
-        ood_weight = torch.tensor((len(targets) - ood_mass) / ood_mass, device=inputs.device)
+        self.in_dim = inputs.shape[1]
+        if self.arch == "feature_head":
+            mean, std = inputs.mean(dim=0), inputs.std(dim=0).clamp_min(1e-6)
+        else:
+            mean, std = torch.zeros(()), torch.ones(())  # the CNN reads pixels as they are
+        return HeadJob(inputs, targets.to(inputs.device), mean, std, (len(targets) - ood_mass) / ood_mass,
+                       self.seed, torch.Generator().manual_seed(self.seed))
+
+    def _train_paper_cnn(self, job: HeadJob) -> PaperCNN:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.init_seed)
+            network = self._build(self.in_dim).to(job.inputs.device)
+        ood_weight = torch.tensor(job.pos_weight, device=job.inputs.device)
         optimiser = torch.optim.Adam(network.parameters(), lr=self.config.lr,
                                      betas=(self.config.beta1, self.config.beta2))
-        generator = torch.Generator().manual_seed(self.seed)
         network.train()
         for _ in trange(self.config.epochs, desc=f"{self.arch} epochs", disable=not self.progress, leave=False):
-            order = torch.randperm(len(inputs), generator=generator).to(inputs.device)
+            order = torch.randperm(len(job.inputs), generator=job.order).to(job.inputs.device)
             for start in range(0, len(order), self.config.batch_size):
                 index = order[start:start + self.config.batch_size]
-                if isinstance(network, PaperCNN) and len(index) < 2:
+                if len(index) < 2:
                     continue  # BatchNorm cannot train on a single sample
-                loss = F.binary_cross_entropy_with_logits(network(inputs[index]), targets[index], pos_weight=ood_weight)
+                loss = F.binary_cross_entropy_with_logits(network(job.inputs[index]), job.targets[index],
+                                                          pos_weight=ood_weight)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        self.network = network.eval()
-        return self
+        return network
 
     @torch.no_grad()
     def predict(self, batch: Observations, use_batch_stats: bool = False) -> torch.Tensor:
@@ -156,12 +158,6 @@ class BinaryHead:
             parts.append(batch.stats)
         return torch.cat(parts, dim=1).float()
 
-    def _new_network(self, inputs: torch.Tensor) -> PaperCNN | FeatureHead:
-        self.in_dim = inputs.shape[1]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return self._build(self.in_dim).to(inputs.device)
-
     def _build(self, in_dim: int) -> PaperCNN | FeatureHead:
         if self.arch == "paper_cnn":
             return PaperCNN(in_dim, self.config.width)
@@ -178,3 +174,23 @@ class BinaryHead:
         if self.network is None:
             raise StateError(f"binary head {self.arch!r} is not trained yet")
         return self.network
+
+
+def fit_binary_heads(arch: str, config: BinaryHeadConfig, tasks: Sequence[HeadTask],
+                     progress: bool = False) -> list[BinaryHead]:
+    """One head per (samples, targets, seed) task, each as `BinaryHead(arch, config, seed).fit` trains it.
+
+    Feature heads train together as one stacked model (feature_head.train_feature_heads), which is
+    what makes memory_pu's many small heads cheap; pixel CNNs train one after another.
+    """
+    heads = [BinaryHead(arch, config, seed, progress) for _, _, seed in tasks]
+    if arch != "feature_head":
+        return [head.fit(samples, targets) for head, (samples, targets, _) in zip(heads, tasks)]
+    jobs = [head._job(samples, targets) for head, (samples, targets, _) in zip(heads, tasks)]
+    for head, network in zip(heads, train_feature_heads(jobs, _recipe(config), progress)):
+        head.network = network
+    return heads
+
+
+def _recipe(config: BinaryHeadConfig) -> HeadRecipe:
+    return HeadRecipe(config.width, config.epochs, config.batch_size, config.lr, (config.beta1, config.beta2))

@@ -24,7 +24,9 @@ the other folds). Ranked instead by the previous round's heads, which all but on
 fold's memory samples came out more known-looking than unseen known data, and the threshold let
 through more false alarms than `target_fpr` (CIFAR-10, width 16, at 0.05: 0.049-0.090 of the known
 test images before nesting, 0.018-0.045 nested; benchmarks/results/cifar10_cpu_pu_ceiling_*).
-Nesting trains more, smaller heads: 30 instead of 12 at the default 4 folds and 3 rounds.
+Nesting trains more, smaller heads: 30 instead of 12 at the default 4 folds and 3 rounds. The heads
+of one stage (a round's inner chains, then its fold heads) train together as one stacked model
+(feature_head.train_feature_heads), so a stage costs little more than its largest head.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 from calibration.threshold import threshold_at_fpr
 from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
-from edge_runtime.detectors.binary_head import BinaryHead
+from edge_runtime.detectors.binary_head import BinaryHead, HeadTask, fit_binary_heads
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.errors import InputError, StateError
 from edge_runtime.metrics import ood_metrics
@@ -200,22 +202,23 @@ class SelfSupervisedDetector(Detector):
         None when some chain keeps fewer than 2 x folds candidates.
         """
         folds = len(chains)
-        shared: dict[tuple[frozenset[int], bytes], BinaryHead] = {}
+        wanted: dict[tuple[frozenset[int], bytes], tuple[frozenset[int], torch.Tensor]] = {}
+        for outer, candidates in enumerate(chains):
+            for inner in range(folds):
+                if inner != outer:
+                    excluded = frozenset((outer, inner))
+                    wanted.setdefault((excluded, candidates.numpy().tobytes()), (excluded, candidates))
+        tasks = [self._fold_task(pool, memory_folds, pool_folds, candidates, excluded,
+                                 self.seed + 1000 * round_index + 100 + folds * min(excluded) + max(excluded))
+                 for excluded, candidates in wanted.values()]
+        trained = dict(zip(wanted, self._fit_heads(tasks)))
+        bar.update(folds * (folds - 1))
         next_chains = []
         for outer, candidates in enumerate(chains):
             visible_memory = torch.nonzero(memory_folds != outer).flatten()
             visible_pool = torch.nonzero(pool_folds != outer).flatten()
-            inner_heads = {}
-            for inner in range(folds):
-                if inner == outer:
-                    continue
-                excluded = frozenset((outer, inner))
-                key = (excluded, candidates.numpy().tobytes())
-                if key not in shared:
-                    seed = self.seed + 1000 * round_index + 100 + folds * min(excluded) + max(excluded)
-                    shared[key] = self._fold_head(pool, memory_folds, pool_folds, candidates, excluded, seed)
-                inner_heads[inner] = shared[key]
-                bar.update()
+            inner_heads = {inner: trained[(frozenset((outer, inner)), candidates.numpy().tobytes())]
+                           for inner in range(folds) if inner != outer}
             memory_scores, pool_scores = self._held_out_scores(inner_heads, pool, memory_folds, pool_folds)
             known_share = estimate_known_share(memory_scores[visible_memory], pool_scores[visible_pool])
             ranking = pool_scores[visible_pool]
@@ -268,11 +271,10 @@ class SelfSupervisedDetector(Detector):
     def _cross_fit(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
                    chains: list[torch.Tensor], round_index: int, bar: tqdm) -> CrossFitRound:
         """One head per fold, trained on the other folds against that fold's chain of candidates."""
-        heads = []
-        for fold, candidates in enumerate(chains):
-            heads.append(self._fold_head(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
-                                         self.seed + 1000 * round_index + fold))
-            bar.update()
+        heads = self._fit_heads([self._fold_task(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
+                                                 self.seed + 1000 * round_index + fold)
+                                 for fold, candidates in enumerate(chains)])
+        bar.update(len(chains))
         return CrossFitRound(heads, *self._held_out_scores(dict(enumerate(heads)), pool, memory_folds, pool_folds))
 
     def _held_out_scores(self, heads: dict[int, BinaryHead], pool: Observations, memory_folds: torch.Tensor,
@@ -286,9 +288,9 @@ class SelfSupervisedDetector(Detector):
             pool_scores[held_pool] = head.logit(pool.select(held_pool)).cpu()
         return memory_scores, pool_scores
 
-    def _fold_head(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
-                   candidates: torch.Tensor, excluded: frozenset[int], seed: int) -> BinaryHead:
-        """A head trained on the memory (0) vs the candidates (1), both outside the `excluded` folds."""
+    def _fold_task(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
+                   candidates: torch.Tensor, excluded: frozenset[int], seed: int) -> HeadTask:
+        """A head's training set: the memory (0) vs the candidates (1), both outside the `excluded` folds."""
         is_candidate = torch.zeros(len(pool), dtype=torch.bool)
         is_candidate[candidates] = True
         outside = torch.tensor(sorted(excluded))
@@ -296,7 +298,11 @@ class SelfSupervisedDetector(Detector):
         novel = torch.nonzero(~torch.isin(pool_folds, outside) & is_candidate).flatten()
         samples = Observations.concat([self.memory.select(known), pool.select(novel)])
         targets = torch.cat([torch.zeros(len(known)), torch.ones(len(novel))])
-        return BinaryHead(self.config.pu_head.arch, self.config.pu_head, seed).fit(samples, targets)
+        return samples, targets, seed
+
+    def _fit_heads(self, tasks: list[HeadTask]) -> list[BinaryHead]:
+        """The memory-vs-stream heads of one stage, trained together (binary_head.fit_binary_heads)."""
+        return fit_binary_heads(self.config.pu_head.arch, self.config.pu_head, tasks, self.progress)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from tqdm.auto import trange
 from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
 from edge_runtime.config import VAEGradientConfig
-from edge_runtime.detectors.binary_head import FeatureHead
+from edge_runtime.detectors.feature_head import FeatureHead, HeadJob, HeadRecipe, train_feature_heads
 from edge_runtime.detectors.pixel_base import PixelDetector
 from edge_runtime.errors import InputError, StateError
 
@@ -244,24 +244,13 @@ class VAEGradientDetector(PixelDetector):
         return vae_part, head_part
 
     def _train_classifier(self, inliers: torch.Tensor, outliers: torch.Tensor, generator: torch.Generator) -> None:
-        """Balanced BCE: inliers target 0, the same images noise-distorted target 1."""
-        inputs = torch.cat([inliers, outliers])
-        targets = torch.cat([torch.zeros(len(inliers)), torch.ones(len(outliers))]).to(inputs.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1)
-            network = FeatureHead(inputs.shape[1], self.config.classifier_hidden).to(inputs.device)
-        network.mean.copy_(inliers.mean(dim=0))
-        network.std.copy_(inliers.std(dim=0).clamp_min(1e-8))
-        optimiser = torch.optim.Adam(network.parameters(), lr=self.config.classifier_lr)
-        network.train()
-        for _ in trange(self.config.classifier_epochs, desc="classifier epochs", disable=not self.progress, leave=False):
-            for index in torch.randperm(len(inputs), generator=generator).split(CLASSIFIER_BATCH):
-                index = index.to(inputs.device)
-                loss = F.binary_cross_entropy_with_logits(network(inputs[index]), targets[index])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        self.classifier_net = network.eval()
+        """BCE: inliers target 0, the same images noise-distorted target 1 (as many, so unweighted)."""
+        job = HeadJob(torch.cat([inliers, outliers]),
+                      torch.cat([torch.zeros(len(inliers)), torch.ones(len(outliers))]).to(inliers.device),
+                      inliers.mean(dim=0), inliers.std(dim=0).clamp_min(1e-8), 1.0, self.seed + 1, generator)
+        recipe = HeadRecipe(self.config.classifier_hidden, self.config.classifier_epochs, CLASSIFIER_BATCH,
+                            self.config.classifier_lr)
+        (self.classifier_net,) = train_feature_heads([job], recipe, self.progress)
 
     def _require_fitted(self) -> None:
         if self.gaussian is None and self.classifier_net is None:
