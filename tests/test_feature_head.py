@@ -92,6 +92,9 @@ def test_jobs_of_another_width_or_mismatched_targets_are_refused(digits):
         train_feature_heads([good, _job(inputs[:, :32], targets, 1)], RECIPE)
     with pytest.raises(InputError, match="targets \\[N\\]"):
         train_feature_heads([HeadJob(inputs, targets[:-1], good.mean, good.std, 1.0, 0, torch.Generator())], RECIPE)
+    with pytest.raises(InputError, match="every head job needs"):  # a flat vector, not [N, D]
+        train_feature_heads([HeadJob(inputs[:, 0], targets, good.mean[:1], good.std[:1], 1.0, 0, torch.Generator())],
+                            RECIPE)
     assert train_feature_heads([], RECIPE) == []
 
 

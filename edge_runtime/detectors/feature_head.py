@@ -73,7 +73,7 @@ def train_feature_heads(jobs: Sequence[HeadJob], recipe: HeadRecipe, progress: b
     """Train one FeatureHead per job with Adam on class-weighted BCE, all in the same steps; eval mode."""
     if not jobs:
         return []
-    dim, device = jobs[0].inputs.shape[1], jobs[0].inputs.device
+    dim, device = jobs[0].inputs.shape[-1], jobs[0].inputs.device  # a job of another rank fails the check below
     for job in jobs:
         if job.inputs.ndim != 2 or job.inputs.shape[1] != dim or job.targets.shape != (len(job.inputs),):
             raise InputError(f"every head job needs inputs [N, {dim}] and targets [N]; got "

@@ -202,22 +202,22 @@ class SelfSupervisedDetector(Detector):
         None when some chain keeps fewer than 2 x folds candidates.
         """
         folds = len(chains)
-        wanted: dict[tuple[frozenset[int], bytes], tuple[frozenset[int], torch.Tensor]] = {}
+        chain_keys = [candidates.numpy().tobytes() for candidates in chains]
+        wanted: dict[tuple[frozenset[int], bytes], torch.Tensor] = {}  # chains that agree share their heads
         for outer, candidates in enumerate(chains):
             for inner in range(folds):
                 if inner != outer:
-                    excluded = frozenset((outer, inner))
-                    wanted.setdefault((excluded, candidates.numpy().tobytes()), (excluded, candidates))
+                    wanted.setdefault((frozenset((outer, inner)), chain_keys[outer]), candidates)
         tasks = [self._fold_task(pool, memory_folds, pool_folds, candidates, excluded,
                                  self.seed + 1000 * round_index + 100 + folds * min(excluded) + max(excluded))
-                 for excluded, candidates in wanted.values()]
+                 for (excluded, _), candidates in wanted.items()]
         trained = dict(zip(wanted, self._fit_heads(tasks)))
         bar.update(folds * (folds - 1))
         next_chains = []
         for outer, candidates in enumerate(chains):
             visible_memory = torch.nonzero(memory_folds != outer).flatten()
             visible_pool = torch.nonzero(pool_folds != outer).flatten()
-            inner_heads = {inner: trained[(frozenset((outer, inner)), candidates.numpy().tobytes())]
+            inner_heads = {inner: trained[(frozenset((outer, inner)), chain_keys[outer])]
                            for inner in range(folds) if inner != outer}
             memory_scores, pool_scores = self._held_out_scores(inner_heads, pool, memory_folds, pool_folds)
             known_share = estimate_known_share(memory_scores[visible_memory], pool_scores[visible_pool])
