@@ -201,20 +201,21 @@ def adapt_session(session: Session, stream: list[ImageSet], progress: bool = Tru
     return seconds
 
 
-def session_accuracy(session: Session, test: Observations, labels: np.ndarray, batch_size: int) -> dict[str, float]:
-    """single_head_acc of a session's learner per protocol on embedded test images (see router_accuracy)."""
+def session_accuracy(session: Session, test: Observations, labels: np.ndarray, batch_size: int) -> dict[str, Routing]:
+    """How a session's learner routes embedded test images, per protocol (see router_accuracy)."""
     def route(batch: Observations, protocol: str) -> np.ndarray:
         return session.learner.route(batch, protocol).labels.numpy()
 
     return router_accuracy(route, test, labels, len(session.learner.known_classes), batch_size)
 
 
-def session_metrics(session: Session, accuracy: dict[str, float], seconds: float, state_bytes: int,
+def session_metrics(session: Session, routing: dict[str, Routing], seconds: float, state_bytes: int,
                     tag: str, novel: str) -> dict[str, float]:
-    """The 9+1 result names of DESIGN.md for one adapted session: accuracy per protocol, cost, footprint."""
+    """The 9+1 result names of DESIGN.md for one adapted session: routing per protocol, cost, footprint."""
     budget = f"budget{session.config.memory.budget}"
     footprint = session.memory_footprint()
-    metrics = {metric_key("single_head_acc", protocol, budget, tag, novel): accuracy[protocol] for protocol in PROTOCOLS}
+    metrics = {key: value for protocol in PROTOCOLS
+               for key, value in routing[protocol].metrics(protocol, budget, tag, novel).items()}
     return metrics | {metric_key("adapt_seconds", budget, tag, novel): seconds,
                       metric_key("state_bytes", budget, tag, novel): state_bytes,
                       metric_key("memory_bytes", "host", budget, tag, novel): footprint.host_bytes,
@@ -237,15 +238,35 @@ def _static_router(cfg: RunConfig, detector: Detector, classifier: FrozenClassif
                           detector.name)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a 9+1 router labelled the test split under one protocol, and where its accuracy went.
+
+    Single-head accuracy alone hides whether a miss is a known image sent to the new class or a
+    novel image kept with the known ones; the two rates say which the detector owes.
+    """
+
+    accuracy: float  # single_head_acc: images given their own label
+    novel_recall: float  # novel images given their own (new) class
+    false_alarm: float  # known images sent to a new class
+
+    def metrics(self, protocol: str, *names: str) -> dict[str, float]:
+        """This routing under the result names of DESIGN.md (`single_head_acc/<protocol>/...`)."""
+        return {metric_key("single_head_acc", protocol, *names): self.accuracy,
+                metric_key("novel_recall", protocol, *names): self.novel_recall,
+                metric_key("false_alarm", protocol, *names): self.false_alarm}
+
+
 def router_accuracy(route: Callable[[Observations, str], np.ndarray], test: Observations, labels: np.ndarray,
-                    novel_index: int, batch_size: int) -> dict[str, float]:
-    """Single-head accuracy {protocol: fraction} (per_sample first) of `route(batch, protocol) -> labels`.
+                    novel_index: int, batch_size: int) -> dict[str, Routing]:
+    """{protocol: Routing} (per_sample first) of `route(batch, protocol) -> labels` on the test split.
 
     Test batches are cut within the known part and within each novel class, as the paper's
     `homogeneous_batches` protocol does; under `per_sample` every image is decided alone anyway.
     """
-    groups = [labels < novel_index, *(labels == c for c in np.unique(labels[labels >= novel_index]))]
-    accuracy = {}
+    known = labels < novel_index
+    groups = [known, *(labels == c for c in np.unique(labels[~known]))]
+    routing = {}
     for protocol in PROTOCOLS:
         predicted = np.empty(len(test), dtype=np.int64)
         for group in groups:
@@ -253,22 +274,25 @@ def router_accuracy(route: Callable[[Observations, str], np.ndarray], test: Obse
             for start in range(0, len(index), batch_size):
                 chunk = index[start:start + batch_size]
                 predicted[chunk] = route(test.select(torch.from_numpy(chunk)), protocol)
-        accuracy[protocol] = float((predicted == labels).mean())
-    return accuracy
+        right = predicted == labels
+        routing[protocol] = Routing(accuracy=float(right.mean()),
+                                    novel_recall=float(right[~known].mean()) if (~known).any() else float("nan"),
+                                    false_alarm=float((predicted[known] >= novel_index).mean()))
+    return routing
 
 
 def router_metrics(detector: Detector, threshold: float, split: NovelClassSplit, test: Observations,
                    batch_size: int, budget: int, tag: str, name: str) -> dict[str, float]:
-    """single_head_acc of the 9+1 router under both protocols: novel (index K) when score > threshold, else argmax."""
+    """The 9+1 router's Routing metrics under both protocols: novel (index K) when score > threshold, else argmax."""
     novel_index = len(split.known_classes)
 
     def route(batch: Observations, protocol: str) -> np.ndarray:
         novel = detector.score_protocol(batch, protocol).cpu().numpy() > threshold
         return np.where(novel, novel_index, batch.logits.argmax(dim=1).numpy())
 
-    accuracy = router_accuracy(route, test, split.test.labels, novel_index, batch_size)
-    return {f"single_head_acc/{protocol}/budget{budget}/{tag}/{split.novel_class}/{name}": value
-            for protocol, value in accuracy.items()}
+    routing = router_accuracy(route, test, split.test.labels, novel_index, batch_size)
+    return {key: value for protocol, outcome in routing.items()
+            for key, value in outcome.metrics(protocol, f"budget{budget}", tag, split.novel_class, name).items()}
 
 
 def _named(values: dict[str, float], protocol: str, detector: str, tag: str, target: str) -> dict[str, float]:

@@ -53,16 +53,17 @@ def run(args: argparse.Namespace) -> int:
     state_bytes = session.save(out / STATE_FILE)
     write_rounds(rounds, out / ROUNDS_FILE)
     test = embed(classifier, split.test, device, keep_images=session.keep_pixels, stat_layers=session.stat_layers)
-    accuracy = session_accuracy(session, test, split.test.labels, cfg.stream.batch_size)
+    routing = session_accuracy(session, test, split.test.labels, cfg.stream.batch_size)
 
     tag = dataset_tag(cfg, split)
-    metrics = session_metrics(session, accuracy, seconds, state_bytes, tag, split.novel_class)
+    metrics = session_metrics(session, routing, seconds, state_bytes, tag, split.novel_class)
     if rounds:
         metrics[metric_key("separation_auroc", f"budget{cfg.memory.budget}", tag, split.novel_class)] = \
             rounds[-1].separation_auroc
     write_result(out, config_to_dict(cfg), metrics, device)
-    print(format_table([[protocol, accuracy[protocol]] for protocol in PROTOCOLS],
-                       ["protocol", f"single-head accuracy ({len(session.classes)} classes)"]))
+    print(format_table([[p, routing[p].accuracy, routing[p].novel_recall, routing[p].false_alarm] for p in PROTOCOLS],
+                       ["protocol", f"single-head accuracy ({len(session.classes)} classes)", "novel recall",
+                        "false alarms (known)"]))
     print(f"adapted in {seconds:.1f} s over {session.rounds} rounds; state {state_bytes} bytes in {out / STATE_FILE}")
     return 0
 

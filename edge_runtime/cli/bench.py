@@ -185,8 +185,8 @@ def measure_novel_class(cfg: RunConfig, name: str, budgets: tuple[int, ...], cla
         seconds = adapt_session(session, stream, progress)
         with tempfile.TemporaryDirectory() as scratch:
             state_bytes = session.save(Path(scratch) / "session.state")
-        accuracy = session_accuracy(session, test, labels, budget_cfg.stream.batch_size)
-        metrics |= session_metrics(session, accuracy, seconds, state_bytes, tag, name)
+        routing = session_accuracy(session, test, labels, budget_cfg.stream.batch_size)
+        metrics |= session_metrics(session, routing, seconds, state_bytes, tag, name)
     return metrics
 
 
@@ -216,6 +216,14 @@ def budget_markdown(metrics: dict[str, float], cfg: RunConfig, tag: str, classes
                   str(int(metrics[metric_key('memory_bytes', 'host', f'budget{budget}', tag, c)])),
                   str(int(metrics[metric_key('memory_bytes', 'device', f'budget{budget}', tag, c)]))]
                  for c in classes for budget in budgets]
+    routing_rows = [[c, str(budget), *(_rate(metrics, name, protocol, f"budget{budget}", tag, c)
+                                       for protocol in PROTOCOLS for name in ("novel_recall", "false_alarm"))]
+                    for c in classes for budget in budgets]
+    lines += ["## where the misses are", "",
+              "Novel recall: novel test images given the new class; false alarms: known test images sent to it (%).",
+              "", format_table(routing_rows, ["novel class", "budget",
+                                              *(f"{label}, `{protocol}`" for protocol in PROTOCOLS
+                                                for label in ("novel recall", "false alarms"))]), ""]
     lines += ["## cost", "", format_table(cost_rows, ["novel class", "budget", "known-class test acc. (%)",
                                                       "adapt seconds", "state bytes", "memory host bytes",
                                                       "memory device bytes"]), ""]
@@ -246,6 +254,12 @@ def plot_budget(metrics: dict[str, float], cfg: RunConfig, tag: str, classes: tu
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _rate(metrics: dict[str, float], *parts: str) -> str:
+    """One routing rate in %, or n/a for a class resumed from a result written before the rates were kept."""
+    value = metrics.get(metric_key(*parts))
+    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def _percent(values: list[float]) -> list[str]:
