@@ -283,6 +283,13 @@ class DetectorConfig:
     kernel_precision: Literal["fp32", "bf16", "fp16", "bf16x3", "fp16x3", "fp16w", "bf16w"] = _field(
         "fp32", description="site last_linear: element type of the stored precision (kernels.reference.PRECISION_VARIANTS)")
     target_fpr: float = _field(0.05, gt=0.0, lt=1.0, description="false alarms allowed on known-IDD data")
+    threshold_rule: Literal["fpr", "accuracy"] = _field(
+        "fpr", description="memory_pu: 'fpr' = the target_fpr quantile of the memory's scores (a false-alarm "
+        "guarantee); 'accuracy' = the threshold maximising the expected single-head accuracy, estimated from "
+        "memory and pool (calibration.threshold.threshold_for_accuracy)")
+    novel_prior: float | None = _field(
+        None, gt=0.0, lt=1.0, description="threshold_rule accuracy: share of novel inputs expected after "
+        "deployment (default: 1 / (classes + 1), the new class as frequent as each known one)")
     binary: BinaryHeadConfig = _field(factory=BinaryHeadConfig)
     ssl_mode: Literal["paper", "memory_pu"] = _field(
         "memory_pu", description="grad_mahalanobis_ssl: 'paper' = Algorithm 1 as published; 'memory_pu' = rehearsal "

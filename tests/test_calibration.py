@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
 from calibration.precision import safe_precision, shrink
-from calibration.threshold import threshold_at_fpr
+from calibration.threshold import threshold_at_fpr, threshold_for_accuracy
 from edge_runtime.errors import ConfigError, InputError, StateError
 from kernels.reference import last_layer_gradients
 
@@ -255,3 +255,57 @@ def test_threshold_is_conservative_on_average_for_small_samples():
 def test_threshold_rejects_unusable_input(scores, target, message):
     with pytest.raises(ValueError, match=message):
         threshold_at_fpr(scores, target)
+
+
+def _router_accuracy(t, known, correct, pool, share, prior):
+    """A(t) of threshold_for_accuracy, written out directly."""
+    novel_above = 1.0 - (np.mean(pool <= t) - (1.0 - share) * np.mean(known <= t)) / share
+    return (1.0 - prior) * np.mean(correct & (known <= t)) + prior * np.clip(novel_above, 0.0, 1.0)
+
+
+def _gaussian_mixture(seed: int, n: int = 20_000, share: float = 0.7):
+    """Known scores N(0, 1); a pool with `share` novel scores N(2, 1)."""
+    rng = np.random.default_rng(seed)
+    known = rng.normal(0.0, 1.0, n)
+    novel = rng.random(n) < share
+    pool = np.where(novel, rng.normal(2.0, 1.0, n), rng.normal(0.0, 1.0, n))
+    return known, pool
+
+
+def test_accuracy_threshold_maximises_the_estimate_over_every_candidate():
+    known, pool = _gaussian_mixture(2, n=300)
+    correct = np.random.default_rng(3).random(300) < 0.9
+    t = threshold_for_accuracy(known, correct, pool, 0.7, 0.1)
+    best = max(_router_accuracy(c, known, correct, pool, 0.7, 0.1) for c in np.concatenate([known, pool]))
+    assert _router_accuracy(t, known, correct, pool, 0.7, 0.1) == pytest.approx(best, abs=1e-12)
+
+
+def test_accuracy_threshold_finds_the_bayes_threshold_of_a_known_mixture():
+    # Known N(0, 1) against novel N(2, 1) at prior 0.1: 0.9 phi(t) = 0.1 phi(t - 2), so t = 1 + ln(9) / 2.
+    known, pool = _gaussian_mixture(4)
+    t = threshold_for_accuracy(torch.from_numpy(known), np.ones(len(known), bool), torch.from_numpy(pool), 0.7, 0.1)
+    assert t == pytest.approx(1.0 + np.log(9.0) / 2.0, abs=0.15)
+    # A likelier novel class is worth more false alarms: at prior 0.5 the threshold is the midpoint 1.
+    assert threshold_for_accuracy(known, np.ones(len(known), bool), pool, 0.7, 0.5) == pytest.approx(1.0, abs=0.15)
+
+
+def test_accuracy_threshold_flags_what_the_classifier_gets_wrong_anyway():
+    # Every known sample scored above 0 is misclassified: flagging it costs nothing, so t drops to 0.
+    known, pool = _gaussian_mixture(5)
+    t = threshold_for_accuracy(known, known < 0.0, pool, 0.7, 0.1)
+    assert t == pytest.approx(0.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("known", "correct", "share", "prior", "message"),
+    [
+        (np.array([]), np.array([], bool), 0.5, 0.1, "known_scores is empty"),
+        (np.array([1.0, np.nan]), np.ones(2, bool), 0.5, 0.1, "known_scores holds 1 NaN"),
+        (np.arange(4.0), np.ones(3, bool), 0.5, 0.1, "known_correct must match"),
+        (np.arange(4.0), np.ones(4, bool), 1.0, 0.1, "novel_share must lie in"),
+        (np.arange(4.0), np.ones(4, bool), 0.5, 0.0, "novel_prior must lie in"),
+    ],
+)
+def test_accuracy_threshold_rejects_unusable_input(known, correct, share, prior, message):
+    with pytest.raises(ValueError, match=message):
+        threshold_for_accuracy(known, correct, np.arange(5.0), share, prior)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from calibration.threshold import threshold_at_fpr, threshold_for_accuracy
 from classifier_fixture import known_digits, train_digit_classifier
 from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.data.digits import load_digits_split
@@ -110,6 +111,26 @@ def test_state_round_trip_gives_identical_scores(memory_pu, digits_stream):
     with pytest.raises(StateError, match="mode"):
         SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(ssl_mode="paper")).load_state_dict(
             memory_pu.state_dict())
+
+
+def test_accuracy_rule_reads_its_threshold_from_memory_and_pool_alone(digits_stream):
+    config = DetectorConfig(shrinkage="oas", threshold_rule="accuracy")
+    detector = SelfSupervisedDetector(digits_stream["classifier"], config)
+    detector.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
+    detector.observe(digits_stream["stream"])  # one fit: each round starts afresh from memory and pool
+    memory_scores, pool_scores = detector.out_of_fold_scores()
+    memory_right = digits_stream["memory"].logits.argmax(dim=1) == digits_stream["memory_labels"]
+    assert torch.equal(detector.memory_correct, memory_right)
+    assert detector.threshold == threshold_for_accuracy(memory_scores, memory_right, pool_scores,
+                                                        detector.novel_share, 1 / 10)  # 9 known digits + 1
+    assert detector.threshold != threshold_at_fpr(memory_scores, config.target_fpr)
+    restored = SelfSupervisedDetector(digits_stream["classifier"], config)
+    restored.load_state_dict(detector.state_dict())
+    assert torch.equal(restored.memory_correct, memory_right)
+    forgot = {**detector.state_dict(), "memory_correct": None}  # a state saved before the rule existed
+    restored.load_state_dict(forgot)
+    with pytest.raises(StateError, match="needs the memory's labels"):
+        restored.observe(digits_stream["stream"].select(torch.arange(STREAM_BATCH)))
 
 
 def test_no_head_depends_on_the_fold_it_scores(digits_stream):

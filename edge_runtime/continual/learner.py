@@ -162,6 +162,7 @@ class AdaptiveHead(NoveltyHead):
     def freeze(self) -> None:
         self.detector.pool = None
         self.detector.memory = None
+        self.detector.memory_correct = None
 
     def report(self, round_index: int) -> RoundReport:
         detector, pool, memory = self.detector, self.detector.pool, self.detector.memory

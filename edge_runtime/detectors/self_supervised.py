@@ -17,7 +17,9 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
  3. each round's out-of-fold AUROC of memory vs stream is an affine, increasing function of its
     known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
     model selection without a single label of the stream.
-The decision threshold is the `target_fpr` conformal quantile of the memory's out-of-fold scores.
+The decision threshold is read from the kept round's out-of-fold scores: by default the `target_fpr`
+conformal quantile of the memory's; with `threshold_rule: accuracy` the one that maximises the
+expected single-head accuracy of the 9+1 router (calibration.threshold.threshold_for_accuracy).
 Cross-fitting is nested, so that every score is truly out of fold: fold f's head trains on
 candidates that a chain of inner heads, none of which saw fold f, chose and counted (step 2 run on
 the other folds). Ranked instead by the previous round's heads, which all but one saw fold f, a
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.threshold import threshold_at_fpr
+from calibration.threshold import threshold_at_fpr, threshold_for_accuracy
 from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.binary_head import BinaryHead, HeadTask, fit_binary_heads
@@ -93,6 +95,7 @@ class SelfSupervisedDetector(Detector):
         self.stat_layers = trained_head_config(config).layer_stats  # what Observations must carry
         self.pool: Observations | None = None
         self.memory: Observations | None = None
+        self.memory_correct: torch.Tensor | None = None  # bool [M]: routed right when not flagged novel
         self.paper_head: BinaryHead | None = None
         self.pu_heads: list[BinaryHead] = []
         self.threshold: float | None = None
@@ -112,6 +115,9 @@ class SelfSupervisedDetector(Detector):
             raise InputError(f"memory holds {len(memory)} samples; memory_pu needs at least {needed} "
                              f"(detector.pu_folds and detector.target_fpr)")
         self.memory = self._stored(memory)
+        # Memory samples of classes learned earlier (labels >= C) are the older heads' to route.
+        self.memory_correct = (labels.cpu() >= self.classifier.num_classes) | (
+            memory.logits.argmax(dim=1).cpu() == labels.cpu())
 
     def observe(self, batch: Observations) -> None:
         """Add an unlabeled batch to the pool (the most recent `pool_size` are kept) and re-learn."""
@@ -171,7 +177,7 @@ class SelfSupervisedDetector(Detector):
         kept = max(self._rounds(pool), key=lambda fitted: fitted.separation)
         self.pu_heads = kept.heads
         self.novel_share = 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores)
-        self.threshold = threshold_at_fpr(kept.memory_scores, self.config.target_fpr)
+        self.threshold = self._decision_threshold(kept)
 
     def _rounds(self, pool: Observations) -> Iterator[CrossFitRound]:
         """memory_pu's rounds in order; ends early when a chain keeps too few candidates to train on."""
@@ -254,7 +260,16 @@ class SelfSupervisedDetector(Detector):
             fitted = self._cross_fit(self.pool, memory_folds, pool_folds, chains, 0, bar)
         self.pu_heads = fitted.heads
         self.novel_share = float(novel.float().mean())
-        self.threshold = threshold_at_fpr(fitted.memory_scores, self.config.target_fpr)
+        self.threshold = self._decision_threshold(fitted)
+
+    def _decision_threshold(self, kept: CrossFitRound) -> float:
+        """The threshold of `detector.threshold_rule`, from the kept round's out-of-fold scores; the
+        false-alarm rule also where the pool looks all known or all novel (no mixture to read from)."""
+        if self.config.threshold_rule == "fpr" or not 0.0 < self.novel_share < 1.0:
+            return threshold_at_fpr(kept.memory_scores, self.config.target_fpr)
+        prior = self.config.novel_prior or 1.0 / (self.classifier.num_classes + 1)
+        return threshold_for_accuracy(kept.memory_scores, self.memory_correct, kept.pool_scores,
+                                      self.novel_share, prior)
 
     def out_of_fold_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory, pool) scores of the kept round, each sample scored by the fold head that did not
@@ -313,6 +328,7 @@ class SelfSupervisedDetector(Detector):
             "gradient": None if self.gradient.gaussian is None else self.gradient.state_dict(),
             "pool": _observations_state(self.pool),
             "memory": _observations_state(self.memory),
+            "memory_correct": self.memory_correct,
             "paper_head": None if self.paper_head is None else self.paper_head.state_dict(),
             "pu_heads": [head.state_dict() for head in self.pu_heads],
             "threshold": self.threshold,
@@ -326,6 +342,7 @@ class SelfSupervisedDetector(Detector):
             self.gradient.load_state_dict(state["gradient"])
         self.pool = _observations_from_state(state["pool"])
         self.memory = _observations_from_state(state["memory"])
+        self.memory_correct = state.get("memory_correct")  # absent in states saved before threshold_rule
         self.paper_head = None
         if state["paper_head"] is not None:
             self.paper_head = BinaryHead(self.config.binary.arch, self.config.binary, self.seed, self.progress)
@@ -359,6 +376,8 @@ class SelfSupervisedDetector(Detector):
     def _require_memory(self) -> None:
         if self.memory is None:
             raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+        if self.config.threshold_rule == "accuracy" and self.memory_correct is None:
+            raise StateError("threshold_rule 'accuracy' needs the memory's labels: call set_memory(obs, labels) again")
 
     def _trained_pu_heads(self) -> list[BinaryHead]:
         if not self.pu_heads:
