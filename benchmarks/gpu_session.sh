@@ -68,7 +68,9 @@ run_step() {
 torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__)"; nvcc --version | tail -1 ;;
     kernel-tests) "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_reference_kernels.py tests/test_dispatch.py \
         tests/test_kernels_cuda.py ;;  # test_kernels_triton.py is interpreter-only (CI)
-    kernels) "$PYTHON" benchmarks/kernels.py --out "$RESULTS/kernels-h200" ;;
+    kernels) # Named after the leased GPU (kernels-h100, kernels-h200): timings hold for that card only.
+      local card; card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | grep -oE 'h100|h200|a100|l40s|l4' | head -1)
+      "$PYTHON" benchmarks/kernels.py --out "$RESULTS/kernels-${card:-gpu}" ;;
     train|train:*) local held; held=$(held_out "$1")
       edge_runtime train --config "$CIFAR_CONFIG" ${held:+--set data.novel_class=$held} \
         --out "$RESULTS/cifar10_fastnet_train${held:+_$held}" ;;

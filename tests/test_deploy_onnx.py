@@ -37,6 +37,7 @@ from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.evaluation import adapt_session, adaptation_data
 from edge_runtime.experiment import prepare_data, train_frozen_classifier
+from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.registry import build_classifier
 from edge_runtime.session import Session
 from kernels.reference import last_layer_scores as reference_scores
@@ -107,6 +108,20 @@ def test_onnx_matches_torch_on_cifar_resnet18(cifar_resnet, cifar_small, tmp_pat
     assert report.max_abs_features <= PARITY_ATOL + PARITY_RTOL * float(features.abs().max())
     assert report.max_abs_logits <= PARITY_ATOL + PARITY_RTOL * float(logits.abs().max())
     assert report.argmax_agreement == 1.0
+
+
+def test_export_of_a_mirror_averaging_classifier_runs_both_views_in_the_graph(cifar_resnet, cifar_small, tmp_path):
+    """The deployed graph reads images as the torch runtime does: the mean over each image and its mirror."""
+    mirroring = FrozenClassifier(cifar_resnet.network, cifar_resnet.final_layer_name, mirror_average=True)
+    path = export_onnx(mirroring, tmp_path / "mirrored.onnx", input_size=32, in_channels=3)
+    pixels = to_tensor(cifar_small["test"].images[::25]).numpy()
+    report = check_onnx_parity(mirroring, path, pixels, batch_size=5)
+    with torch.no_grad():
+        _, one_view = cifar_resnet.embed(torch.from_numpy(pixels))
+        _, logits = mirroring.embed(torch.from_numpy(pixels))
+    assert report.max_abs_logits <= PARITY_ATOL + PARITY_RTOL * float(logits.abs().max())
+    assert report.argmax_agreement == 1.0
+    assert float((logits - one_view).abs().max()) > 100 * report.max_abs_logits  # the graph did mirror
 
 
 def test_export_keeps_the_classifier_mode_and_refuses_old_opsets(digits_session, tmp_path):

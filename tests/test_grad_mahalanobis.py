@@ -107,11 +107,16 @@ def tiny_conv_net():
     return classifier, batch, batch.logits.argmax(dim=1)
 
 
-def _conv2_autograd(classifier: FrozenClassifier, batch: Observations, labels: torch.Tensor) -> torch.Tensor:
+def _conv2_autograd(classifier: FrozenClassifier, batch: Observations, labels: torch.Tensor,
+                    mirrored: bool = False) -> torch.Tensor:
+    """Per-sample autograd; `mirrored`: of the loss on the mean of the image's and its mirror's logits."""
     conv = classifier.network.conv2
     rows = []
     for image, label in zip(batch.images, labels):
-        loss = F.cross_entropy(classifier(image[None]), label[None])
+        logits = classifier(image[None])
+        if mirrored:
+            logits = (logits + classifier(image[None].flip(3))) / 2
+        loss = F.cross_entropy(logits, label[None])
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [conv.weight, conv.bias])]))
     return torch.stack(rows)
 
@@ -122,6 +127,15 @@ def test_last_conv_site_matches_a_per_sample_autograd_loop(tiny_conv_net):
     assert site.layer_name == "conv2" and site.dim == 4 * 4 * 9 + 4  # no projection needed
     torch.testing.assert_close(site.gradients(batch, labels), _conv2_autograd(classifier, batch, labels),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_last_conv_site_takes_the_gradient_of_the_mirror_averaged_loss(tiny_conv_net):
+    """With mirror_average the classifier's logits are the two views' mean; the site differentiates those."""
+    classifier, batch, labels = tiny_conv_net
+    mirroring = FrozenClassifier(classifier.network, "fc", mirror_average=True)
+    got = LastConvSite(mirroring, projection_dim=10_000).gradients(batch, labels)
+    torch.testing.assert_close(got, _conv2_autograd(classifier, batch, labels, mirrored=True), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(got, _conv2_autograd(classifier, batch, labels))
 
 
 def test_last_conv_site_projects_to_a_bounded_seeded_dimension(tiny_conv_net):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.config import ModelConfig
+from edge_runtime.config import ModelConfig, evolve_config
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import conform, to_tensor
 from edge_runtime.errors import ConfigError, InputError
@@ -51,6 +51,29 @@ def test_every_arch_embeds_real_images(digits, arch, size, channels, batch, feat
         assert torch.isfinite(features).all()
         torch.testing.assert_close(logits, model(x))
         torch.testing.assert_close(logits, model.final_linear(features))
+
+
+@pytest.mark.parametrize("arch, size, channels", [("small_cnn", 8, 1), ("fastnet", 32, 3)])
+def test_mirror_average_reads_each_image_and_its_mirror(digits, arch, size, channels):
+    """Features, logits and layer statistics are the means over the two views; the final layer
+    still maps the features to the logits, which the gradient closed form needs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, input_size=size, in_channels=channels, width=8)
+    single = build_classifier(cfg, 9, (0.3,) * channels, (0.4,) * channels).eval()
+    mirrored = build_classifier(evolve_config(cfg, mirror_average=True), 9,
+                                (0.3,) * channels, (0.4,) * channels).eval()
+    mirrored.load_state_dict(single.state_dict())
+    assert mirrored.mirror_average and not single.mirror_average
+    x = _pixels(digits, size, channels, 6)
+    layer = "stage1" if arch == "small_cnn" else "act"
+    with torch.no_grad():
+        direct, flipped = single.embed_with_stats(x, (layer,)), single.embed_with_stats(x.flip(3), (layer,))
+        both = mirrored.embed_with_stats(x, (layer,))
+        for got, a, b in zip(both, direct, flipped):
+            torch.testing.assert_close(got, (a + b) / 2)
+        assert not torch.allclose(both[1], direct[1])  # digits are not mirror-symmetric
+        torch.testing.assert_close(both[1], mirrored.final_linear(both[0]))
+        torch.testing.assert_close(mirrored(x), single(x))  # forward (what training calls) stays one view
 
 
 def test_built_in_arch_rejects_other_final_layer_name():

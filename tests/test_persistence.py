@@ -38,6 +38,16 @@ def test_other_architecture_is_refused(saved):
         load_classifier(saved[0], evolve_config(CFG, width=16))
 
 
+def test_mirror_averaging_is_how_weights_are_read_not_what_they_are(saved):
+    """A classifier saved without mirror averaging serves a config that turns it on, and mirrors."""
+    path, classifier, known = saved
+    loaded, _ = load_classifier(path, evolve_config(CFG, mirror_average=True))
+    x = to_tensor(known.images[:32])
+    assert loaded.mirror_average
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x)[1], (classifier(x) + classifier(x.flip(3))) / 2)
+
+
 def _with_model_metadata(saved_path, path, model_json: str):
     """A copy of the saved classifier whose stored model config is `model_json`."""
     from safetensors import safe_open

@@ -96,15 +96,18 @@ def test_small_cnn_learns_nine_digit_classes(train_set, test_set):
     assert report.epochs_run == 6 and len(report.history) == 6
     assert report.final_loss == report.history[-1] < report.history[0]
     assert not model.training
-    assert evaluate_accuracy(model, test_set, CPU, tta=False) >= 0.9
+    assert evaluate_accuracy(model, test_set, CPU) >= 0.9
 
 
-def test_tta_averages_the_logits_of_the_mirror_image(train_set, test_set):
+@pytest.mark.parametrize("mirror_average", [False, True])
+def test_accuracy_reads_the_logits_the_runtime_reads(train_set, test_set, mirror_average):
+    """Accuracy is measured on `embed`'s logits, so a mirror-averaging classifier is scored mirrored."""
     model = _fresh_model(train_set).eval()
-    logits = predict_logits(model, test_set, CPU, tta=True, batch_size=100)
+    model.mirror_average = mirror_average
+    logits = predict_logits(model, test_set, CPU, batch_size=100)
     with torch.no_grad():
         x = to_tensor(test_set.images)
-        reference = (model(x).double() + model(x.flip(3)).double()) / 2
+        reference = (model(x).double() + model(x.flip(3)).double()) / 2 if mirror_average else model(x).double()
     torch.testing.assert_close(logits.double(), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -112,7 +115,7 @@ def test_accuracy_needs_labels_the_model_knows(train_set, test_set):
     model = _fresh_model(train_set)
     unlabeled = ImageSet(test_set.images, np.full(len(test_set), -1), test_set.classes, "stream")
     with pytest.raises(DataError, match="stream"):
-        evaluate_accuracy(model, unlabeled, CPU, tta=False)
+        evaluate_accuracy(model, unlabeled, CPU)
 
 
 def test_translate_larger_than_the_image_is_a_config_error(train_set):
@@ -168,7 +171,7 @@ def test_ema_weights_are_returned_and_raw_weights_checkpointed(train_set, test_s
     returned = model.state_dict()
     assert all(torch.equal(returned[k], v) for k, v in saved.ema.items())
     assert not torch.equal(returned["network.fc.weight"], saved.model["network.fc.weight"])
-    assert evaluate_accuracy(model, test_set, CPU, tta=False) >= 0.9
+    assert evaluate_accuracy(model, test_set, CPU) >= 0.9
 
 
 def test_checkpoint_round_trip(train_set, tmp_path):

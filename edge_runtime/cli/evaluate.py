@@ -45,7 +45,7 @@ def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, 
     split = data.split
     classifier = obtain_classifier(cfg, split, device, out, classifier_path, progress)
     tag = dataset_tag(cfg, split)
-    metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)}
+    metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device)}
     targets = ood_targets(split, data.ood_sets, cfg.seed)
     metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress, ssl_modes)
     write_result(out, config_to_dict(cfg), metrics, device)

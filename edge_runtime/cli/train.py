@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     split = prepare_data(cfg, args.progress).split
     classifier, report = train_frozen_classifier(cfg, split, device, out, args.resume, args.progress)
-    accuracy = evaluate_accuracy(classifier, known_test_set(split), device, tta=cfg.train.tta)
+    accuracy = evaluate_accuracy(classifier, known_test_set(split), device)
     tag = dataset_tag(cfg, split)
     metrics = {f"idd_acc/{tag}": accuracy, f"train_seconds/{tag}": report.seconds}
     write_result(out, config_to_dict(cfg), metrics, device)

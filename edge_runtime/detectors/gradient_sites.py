@@ -77,6 +77,7 @@ class LastConvSite(GradientSite):
             raise ConfigError("detector.site 'last_conv' needs a model with an nn.Conv2d; this classifier has none")
         layer_name, layer = convs[-1]
         self.network = classifier.network
+        self.views = classifier.views  # the loss reads the image as the classifier does (mirror-averaged or not)
         self.layer_name = layer_name
         self.params = {f"{layer_name}.{key}": p.detach() for key, p in layer.named_parameters()}
         num_params = sum(p.numel() for p in self.params.values())
@@ -105,8 +106,8 @@ class LastConvSite(GradientSite):
         return flat @ self._projection
 
     def _loss(self, params: dict[str, torch.Tensor], image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.network, params, (image.unsqueeze(0),))
-        return F.cross_entropy(logits, label.unsqueeze(0))
+        logits = functional_call(self.network, params, (self.views(image.unsqueeze(0)),))
+        return F.cross_entropy(logits.mean(dim=0, keepdim=True), label.unsqueeze(0))
 
 
 def build_site(config: DetectorConfig, classifier: FrozenClassifier, seed: int = 0) -> GradientSite:

@@ -28,12 +28,18 @@ class FrozenClassifier(nn.Module):
 
     `embed` returns the input of that layer (penultimate features, the `a` of the gradient
     closed form) and the logits, captured with a forward hook so user models need no changes.
+    With `mirror_average` every output `embed` gives is the mean over the image and its mirror
+    image (one forward pass of both): the view the classifier was trained on with flips, read
+    twice, so each input is judged more reliably. Features stay the input of the final layer
+    (the mean of the two views' inputs gives the mean of their logits), so the gradient closed
+    form holds unchanged. `forward` stays one view: it is what training calls.
     """
 
-    def __init__(self, network: nn.Module, final_layer: str = "fc") -> None:
+    def __init__(self, network: nn.Module, final_layer: str = "fc", mirror_average: bool = False) -> None:
         super().__init__()
         self.network = network
         self.final_layer_name = final_layer
+        self.mirror_average = mirror_average
         layer = network.get_submodule(final_layer)
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"final_layer {final_layer!r} is a {type(layer).__name__}, not an nn.Linear")
@@ -82,14 +88,19 @@ class FrozenClassifier(nn.Module):
         try:
             handles += [self._stat_layer(name).register_forward_hook(keeping(outputs[name], False))
                         for name in stat_layers]
-            logits = self.network(x)
+            logits = self.network(self.views(x))
         finally:
             for handle in handles:
                 handle.remove()
         features = final_inputs[0].flatten(1)
-        if not stat_layers:
-            return features, logits, None
-        return features, logits, torch.cat([_channel_stats(name, outputs[name]) for name in stat_layers], dim=1)
+        stats = torch.cat([_channel_stats(name, outputs[name]) for name in stat_layers], dim=1) if stat_layers else None
+        if not self.mirror_average:
+            return features, logits, stats
+        return _mean_of_views(features), _mean_of_views(logits), None if stats is None else _mean_of_views(stats)
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch the network runs for `x` [B, ...]: x itself, or [x; mirror(x)] ([2B, ...]) when mirroring."""
+        return torch.cat([x, x.flip(-1)]) if self.mirror_average else x
 
     def _stat_layer(self, name: str) -> nn.Module:
         try:
@@ -98,6 +109,12 @@ class FrozenClassifier(nn.Module):
             top = ", ".join(child for child, _ in self.network.named_children())
             raise ConfigError(f"layer_stats names {name!r}, which is not a submodule of the classifier "
                               f"(its top-level modules: {top})") from None
+
+
+def _mean_of_views(both: torch.Tensor) -> torch.Tensor:
+    """[B, ...] from the [2B, ...] outputs of `FrozenClassifier.views`: each image's and its mirror's mean."""
+    direct, mirrored = both.chunk(2)
+    return (direct + mirrored) / 2
 
 
 def _channel_stats(name: str, outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import attrs
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -49,7 +50,7 @@ def load_classifier(path: str | os.PathLike, model_cfg: ModelConfig) -> tuple[Fr
     if metadata.get("version") != FORMAT_VERSION:
         raise StateError(f"{path} has classifier format version {metadata.get('version')!r}; this runtime reads {FORMAT_VERSION}")
     saved_cfg = _saved_model_config(path, metadata)
-    if saved_cfg != model_cfg:
+    if _architecture(saved_cfg) != _architecture(model_cfg):
         raise StateError(f"{path} was trained with model config {config_to_dict(saved_cfg)}, "
                          f"but the run config says {config_to_dict(model_cfg)}")
     classes = tuple(json.loads(metadata["classes"]))
@@ -60,6 +61,12 @@ def load_classifier(path: str | os.PathLike, model_cfg: ModelConfig) -> tuple[Fr
     except RuntimeError as exc:
         raise StateError(f"{path}: weights do not fit the configured model: {exc}") from exc
     return classifier.eval(), classes
+
+
+def _architecture(model_cfg: ModelConfig) -> ModelConfig:
+    """The fields that decide what the weights are; `mirror_average` only says how they are read,
+    so weights trained under either setting serve under the other."""
+    return attrs.evolve(model_cfg, mirror_average=False)
 
 
 def _saved_model_config(path: str | os.PathLike, metadata: dict[str, str]) -> ModelConfig:

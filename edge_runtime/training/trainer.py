@@ -149,30 +149,25 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def predict_logits(model: FrozenClassifier, data: ImageSet, device: torch.device, tta: bool,
+def predict_logits(model: FrozenClassifier, data: ImageSet, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
-    """Logits [N, C] (float32, on the CPU) with the model in eval mode on `device`.
-
-    `tta` averages the logits of each image and its mirror image.
-    """
+    """Logits [N, C] (float32, on the CPU) as the runtime reads them (`embed`, mirror-averaged
+    when the classifier is), with the model in eval mode on `device`."""
     model.eval().to(device)
     outputs = []
     for start in range(0, len(data), batch_size):
-        batch = to_tensor(data.images[start:start + batch_size], device)
-        logits = model(batch)
-        if tta:
-            logits = (logits + model(batch.flip(3))) / 2
+        _, logits = model.embed(to_tensor(data.images[start:start + batch_size], device))
         outputs.append(logits.float().cpu())
     return torch.cat(outputs) if outputs else torch.zeros(0, model.num_classes)
 
 
-def evaluate_accuracy(model: FrozenClassifier, data: ImageSet, device: torch.device, *, tta: bool,
+def evaluate_accuracy(model: FrozenClassifier, data: ImageSet, device: torch.device,
                       batch_size: int = 512) -> float:
     """Fraction of `data` whose arg-max prediction equals its label."""
     if len(data) == 0:
         raise DataError(f"{data.name}: no images to evaluate")
     _check_labels(data, model.num_classes)
-    predictions = predict_logits(model, data, device, tta, batch_size).argmax(1)
+    predictions = predict_logits(model, data, device, batch_size).argmax(1)
     return float((predictions == torch.from_numpy(data.labels)).double().mean())
 
 

@@ -1,0 +1,57 @@
+"""Whether to read the frozen classifier mirror-averaged (`model.mirror_average`), decided on
+images the runtime is allowed to label: the calibration split, known-class training images held
+back from training (they become the rehearsal memory and the stream's known part). The test split
+is not read.
+
+    python benchmarks/mirror_selection.py --config configs/cifar10-fastnet.yaml --set model.width=16 \\
+        --classifier DIR/classifier.safetensors --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path; keep package imports unambiguous.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.config import config_to_dict  # noqa: E402
+from edge_runtime.device import resolve_device  # noqa: E402
+from edge_runtime.errors import DataError  # noqa: E402
+from edge_runtime.experiment import dataset_tag, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
+from edge_runtime.training.trainer import evaluate_accuracy  # noqa: E402
+
+READINGS = {"one_view": False, "mirror_average": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    device = resolve_device(cfg.device)
+    out = output_dir(args.out)
+    split = prepare_data(cfg, args.progress).split
+    if len(split.calibration) == 0:
+        raise DataError("the calibration split is empty; set data.calibration_holdout > 0 to have images to decide on")
+    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
+    tag = dataset_tag(cfg, split)
+    metrics, rows = {}, []
+    for reading, mirrored in READINGS.items():
+        classifier.mirror_average = mirrored
+        accuracy = evaluate_accuracy(classifier, split.calibration, device)
+        metrics[metric_key("calibration_acc", reading, tag)] = accuracy
+        rows.append([reading, accuracy])
+    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/mirror_selection.py "
+                 + " ".join(sys.argv[1:] if argv is None else argv))
+    print(format_table(rows, ["reading", f"accuracy on {len(split.calibration)} held-back known training images"]))
+    print(f"results in {out / 'result.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
