@@ -27,7 +27,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
@@ -64,7 +64,7 @@ def relative_errors(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--classifier", required=True, help="the frozen classifier (classifier.safetensors) to score with")
+    add_classifier_argument(parser, required=True)
     parser.add_argument("--samples", type=int, default=1000, help="test images scored (a seeded sample of the split)")
     parser.add_argument("--variants", nargs="+", default=list(PRECISION_VARIANTS), choices=sorted(PRECISION_VARIANTS))
     args = parser.parse_args(argv)

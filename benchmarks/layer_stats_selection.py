@@ -25,7 +25,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import RunConfig, config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.data.arrays import ImageSet  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
@@ -66,7 +66,7 @@ def separation(cfg: RunConfig, classifier: FrozenClassifier, memory: ImageSet, s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+    add_classifier_argument(parser)
     parser.add_argument("--candidates", required=True, help="comma-separated layer sets, each '+'-joined or 'none'")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)

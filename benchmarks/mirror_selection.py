@@ -1,7 +1,8 @@
-"""Whether to read the frozen classifier mirror-averaged (`model.mirror_average`), decided on
-images the runtime is allowed to label: the calibration split, known-class training images held
-back from training (they become the rehearsal memory and the stream's known part). The test split
-is not read.
+"""Accuracy of the frozen classifier read as one view and mirror-averaged, on held-back training images.
+
+How `model.mirror_average` is decided on images the runtime may label: the calibration split,
+known-class training images held back from training (they become the rehearsal memory and the
+stream's known part). The test split is not read.
 
     python benchmarks/mirror_selection.py --config configs/cifar10-fastnet.yaml --set model.width=16 \\
         --classifier DIR/classifier.safetensors --out OUT
@@ -16,7 +17,7 @@ from pathlib import Path
 # Run as a script, this file's folder comes first on sys.path; keep package imports unambiguous.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.errors import DataError  # noqa: E402
@@ -30,7 +31,7 @@ READINGS = {"one_view": False, "mirror_average": True}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one)")
+    add_classifier_argument(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     device = resolve_device(cfg.device)

@@ -32,7 +32,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.data.arrays import ImageSet  # noqa: E402
 from edge_runtime.detectors.base import PROTOCOLS, Observations  # noqa: E402
@@ -49,7 +49,7 @@ METHODS = ("memory_pu", "stream_labels")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one)")
+    add_classifier_argument(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode="memory_pu"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args
 from edge_runtime.config import config_to_dict
 from edge_runtime.continual.learner import RoundReport
 from edge_runtime.detectors.base import PROTOCOLS
@@ -27,7 +27,7 @@ ROUNDS_FILE = "rounds.csv"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+    add_classifier_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

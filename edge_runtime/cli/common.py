@@ -29,6 +29,12 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
+def add_classifier_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--classifier: a saved frozen classifier to use; optional where the command can train one."""
+    parser.add_argument("--classifier", required=required,
+                        help="classifier.safetensors from `edge-runtime train`" + ("" if required else " (default: train one now)"))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Load --config and apply every --set KEY=VALUE."""
     config = load_config(args.config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_runtime.cli.common import add_run_arguments, config_from_args
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args
 from edge_runtime.config import RunConfig, config_to_dict
 from edge_runtime.device import resolve_device
 from edge_runtime.errors import ConfigError
@@ -20,7 +20,7 @@ HELP = "evaluate novelty detectors (rows) against OOD sets (columns) under both 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+    add_classifier_argument(parser)
     parser.add_argument("--ssl-modes", default=",".join(SSL_MODES),
                         help=f"self-supervised modes to adapt and report, comma-separated (default: all, "
                              f"{','.join(SSL_MODES)}; the paper's Algorithm 1 retrains a pixel CNN per stream batch, "

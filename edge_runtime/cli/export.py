@@ -21,7 +21,7 @@ import torch
 
 from calibration.int8 import CalibrationBatches, cache_path_for, entropy_calibrator
 from calibration.threshold import threshold_at_fpr
-from edge_runtime.cli.common import add_output_arguments, config_from_args
+from edge_runtime.cli.common import add_classifier_argument, add_output_arguments, config_from_args
 from edge_runtime.config import DeployConfig, RunConfig, config_to_dict, evolve_config, load_config
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
     parser.add_argument("--profile", help="device profile YAML (configs/cpu.yaml, configs/rtx-desktop.yaml, "
                                           "configs/jetson-orin.yaml); default: the config's deploy section")
-    parser.add_argument("--classifier", help="classifier.safetensors from `edge-runtime train` (default: train one now)")
+    add_classifier_argument(parser)
     parser.add_argument("--parity-images", type=int, default=1000,
                         help="test images replayed through torch and the runner to compare decisions (default 1000)")
 
