@@ -29,8 +29,8 @@ class FrozenClassifier(nn.Module):
     `embed` returns the input of that layer (penultimate features, the `a` of the gradient
     closed form) and the logits, captured with a forward hook so user models need no changes.
     With `mirror_average` every output `embed` gives is the mean over the image and its mirror
-    image (one forward pass of both): the view the classifier was trained on with flips, read
-    twice, so each input is judged more reliably. Features stay the input of the final layer
+    image (one forward pass of both): a classifier trained with random flips knows both views,
+    and their mean judges each input more reliably than either. Features stay the input of the final layer
     (the mean of the two views' inputs gives the mean of their logits), so the gradient closed
     form holds unchanged. `forward` stays one view: it is what training calls.
     """
