@@ -16,6 +16,9 @@ split). Methods:
   vae_gradient_factors_mahalanobis  the same gradients as their factors (bias gradient,
                             latent code), Mahalanobis head                            (ours)
   drocc, drocc_lf           DROCC / DROCC-LF on a LeNet                               (paper / ours)
+  rotation                  rotation prediction on a FastNet (Golan & El-Yaniv;
+                            Hendrycks et al.): no distances, no negatives     (published, in
+                                                                              neither paper's table)
 The VAE methods of one class share one trained VAE (only their heads differ), so they compare
 features and heads, not VAE luck. `--profile cpu` (default) shrinks epochs and nets to fit a
 shared 2-core machine; `--profile paper` uses the papers' sizes (a GPU job); result.json stores
@@ -43,6 +46,7 @@ from tqdm.auto import tqdm
 from edge_runtime.config import DetectorConfig, config_from_dict, config_to_dict, evolve_config, with_overrides
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.detectors.drocc import DROCCDetector
+from edge_runtime.detectors.rotation import RotationDetector
 from edge_runtime.detectors.vae_gradient import VAEGradientDetector
 from edge_runtime.device import resolve_device
 from edge_runtime.one_class import (PAPER_MEAN_AUROC, OneClassData, evaluation_auroc, first_per_class,
@@ -58,7 +62,7 @@ VAE_METHODS: dict[str, dict[str, str]] = {
     "vae_gradient_factors_mahalanobis": {"feature": "gradient_factors", "head": "mahalanobis"},
 }
 DROCC_METHODS = ("drocc", "drocc_lf")
-METHODS = (*VAE_METHODS, *DROCC_METHODS)
+METHODS = (*VAE_METHODS, *DROCC_METHODS, "rotation")
 # Sizes that fit a shared 2-core CPU; 'paper' is the papers' recipes (a GPU job).
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"detector.drocc.width": 8, "detector.drocc.epochs": 10, "detector.drocc.ce_epochs": 2,
@@ -154,8 +158,10 @@ def _run_class(methods: tuple[str, ...], config: DetectorConfig, image_shape: tu
                 shared_vae = detector.fit_vae(normal).vae
             detector.vae = shared_vae
             detector.fit_head(normal)
-        else:
+        elif method in DROCC_METHODS:
             detector = DROCCDetector(image_shape, config.drocc, method, seed, progress).fit(observations_of(normal))
+        else:
+            detector = RotationDetector(image_shape, config.rotation, seed, progress).fit(observations_of(normal))
         yield method, evaluation_auroc(detector, data, label, device), time.perf_counter() - start
 
 

@@ -268,11 +268,25 @@ class DROCCConfig:
 
 
 @_section
+class RotationConfig:
+    """Rotation prediction (Golan & El-Yaniv 2018; Hendrycks et al. 2019): a net learns which of four
+    rotations was applied to a known image; images whose rotation it cannot tell are novel."""
+
+    width: int = _field(16, gt=0, le=256, description="FastNet width of the rotation classifier")
+    epochs: int = _field(10, gt=0, le=10_000)
+    batch_size: int = _field(128, gt=1, description="known images per step (each seen at all four rotations)")
+    lr: float = _field(0.1, gt=0.0, description="peak of the one-cycle SGD schedule (Nesterov momentum 0.9)")
+    weight_decay: float = _field(5e-4, ge=0.0)
+    translate: int = _field(2, ge=0, le=8, description="training augmentation: random shift of up to this many pixels")
+    flip: bool = _field(True, description="training augmentation: random left-right mirror")
+
+
+@_section
 class DetectorConfig:
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
     name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn",
-                  "vae_gradient", "drocc", "drocc_lf"] = "grad_mahalanobis"
+                  "vae_gradient", "drocc", "drocc_lf", "rotation"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
     projection_dim: int = _field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
@@ -305,6 +319,7 @@ class DetectorConfig:
         description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")
     vae: VAEGradientConfig = _field(factory=VAEGradientConfig)
     drocc: DROCCConfig = _field(factory=DROCCConfig)
+    rotation: RotationConfig = _field(factory=RotationConfig)
 
 
 @_section

@@ -86,15 +86,16 @@ def test_benchmark_script_end_to_end_on_tiny_mnist(tmp_path, check_results):
     bench = _load_script("one_class")
     out = tmp_path / "run"
     code = bench.main(["--dataset", "mnist", "--out", str(out), "--classes", "0,1", "--limit-train", "40",
-                       "--limit-eval", "15", "--methods", "vae_gradient,vae_gradient_mahalanobis,drocc",
+                       "--limit-eval", "15", "--methods", "vae_gradient,vae_gradient_mahalanobis,drocc,rotation",
                        "--set", "vae.vae_epochs=2", "--set", "vae.classifier_epochs=2", "--set", "drocc.epochs=3",
-                       "--no-progress"])
+                       "--set", "rotation.epochs=2", "--set", "rotation.width=2", "--no-progress"])
     assert code == 0
     doc = json.loads((out / "result.json").read_text())
-    expected = {f"auroc/one_class/{m}/mnist/{c}" for m in ("vae_gradient", "vae_gradient_mahalanobis", "drocc")
-                for c in ("0", "1", "mean")}
+    expected = {f"auroc/one_class/{m}/mnist/{c}"
+                for m in ("vae_gradient", "vae_gradient_mahalanobis", "drocc", "rotation") for c in ("0", "1", "mean")}
     assert set(doc["metrics"]) == expected
-    for method in ("vae_gradient", "drocc"):
+    assert doc["config"]["detector"]["rotation"]["epochs"] == 2
+    for method in ("vae_gradient", "drocc", "rotation"):
         pair = [doc["metrics"][f"auroc/one_class/{method}/mnist/{c}"] for c in ("0", "1")]
         assert doc["metrics"][f"auroc/one_class/{method}/mnist/mean"] == pytest.approx(np.mean(pair))
     assert doc["config"]["detector"]["vae"]["vae_epochs"] == 2 and doc["config"]["limit_eval_per_class"] == 15

@@ -273,6 +273,11 @@ def test_pixel_detector_serves_as_novelty_head_and_reloads_its_trained_weights(d
     assert set(saved[0]) >= ({"vae", "head"} if name == "vae_gradient" else {"weights"})
 
 
+def test_rotation_head_refuses_images_too_small_to_rotate_and_pool(digits):
+    with pytest.raises(ConfigError, match="square images at least 9 pixels.*8x8"):
+        _session(digits, **{"detector.name": "rotation"})
+
+
 @pytest.mark.parametrize("name, extra", [("grad_mahalanobis_ssl", {}),
                                          ("vae_gradient", {"detector.vae.site": "last_decoder"})])
 def test_session_learns_a_novel_condition_as_the_tenth_type(name, extra, record_property, tmp_path):

@@ -83,6 +83,12 @@ def init_whitening(model: FrozenClassifier, images: torch.Tensor) -> None:
     network = model.network
     if not isinstance(network, FastNet):
         raise ConfigError(f"init_whitening needs a model built with model.arch 'fastnet', got a {type(network).__name__}")
+    whiten_first_conv(network, images)
+
+
+@torch.no_grad()
+def whiten_first_conv(network: FastNet, images: torch.Tensor) -> None:
+    """init_whitening for a bare FastNet (one that is not a frozen classifier: a detector's own net)."""
     conv = network.whiten
     if images.ndim != 4 or images.shape[1] != conv.in_channels or min(images.shape[2:]) < WHITEN_KERNEL:
         raise InputError(f"init_whitening: images must be [N,{conv.in_channels},H,W] with H,W >= {WHITEN_KERNEL}, "
