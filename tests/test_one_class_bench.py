@@ -190,6 +190,26 @@ def test_committed_results_follow_the_contract(folder, dataset, families, check_
             assert f"auroc/one_class/{method}/{row}" in metrics
 
 
+ROTATION_HALVES = ("one_class_cifar10_rotation_a", "one_class_cifar10_rotation_b")
+
+
+def test_committed_rotation_halves_cover_cifar10_once_with_one_recipe(check_results):
+    """The CIFAR-10 rotation run is two files of five classes each (one CPU job would not fit a session)."""
+    docs = []
+    for folder in ROTATION_HALVES:
+        path = RESULTS / folder / "result.json"
+        assert path.is_file(), f"{path} is missing: run the benchmark (see its docstring)"
+        check_results(path)
+        docs.append(json.loads(path.read_text()))
+    covered = [name for doc in docs for name in doc["config"]["classes"]]
+    assert sorted(covered) == sorted(CATALOG["cifar10"].classes)
+    for doc in docs:
+        assert doc["config"]["validation"] is False and doc["config"]["limit_train_per_class"] is None
+        assert doc["config"]["detector"]["rotation"] == docs[0]["config"]["detector"]["rotation"]
+        for name in [*doc["config"]["classes"], "mean"]:
+            assert f"auroc/one_class/rotation/cifar10/{name}" in doc["metrics"]
+
+
 def test_validation_split_never_touches_the_evaluation_images():
     data = load_one_class_data("mnist", progress=False, validation=True)
     plain = load_one_class_data("mnist", progress=False)
