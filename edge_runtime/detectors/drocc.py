@@ -20,7 +20,6 @@ Everything is batched tensor code: it runs on whatever device the inputs live on
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +27,8 @@ from torch import nn
 from tqdm.auto import trange
 
 from edge_runtime.config import DROCCConfig
-from edge_runtime.detectors.pixel_base import PixelDetector
-from edge_runtime.errors import ConfigError, InputError, StateError
+from edge_runtime.detectors.pixel_base import NetworkPixelDetector
+from edge_runtime.errors import ConfigError, InputError
 
 VARIANTS = ("drocc", "drocc_lf")
 SCORE_CHUNK = 1024
@@ -236,7 +235,7 @@ def train_drocc(network: nn.Module, positives: torch.Tensor, config: DROCCConfig
     return network.eval()
 
 
-class DROCCDetector(PixelDetector):
+class DROCCDetector(NetworkPixelDetector):
     """Score = -logit of the DROCC classifier on the standardised pixels; higher = more novel.
 
     `drocc_lf` on images has no labelled negatives to learn its feature weights from, so it uses
@@ -257,7 +256,6 @@ class DROCCDetector(PixelDetector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = nn.Sequential(Standardize(self.image_shape[0]), LeNet(self.image_shape, config.width))
-        self.fitted = False
 
     def fit_pixels(self, images: torch.Tensor) -> "DROCCDetector":
         """Train on all known images as one positive class."""
@@ -277,22 +275,6 @@ class DROCCDetector(PixelDetector):
 
     @torch.no_grad()
     def score_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.fitted:
-            raise StateError(f"{self.name} is not fitted yet: call fit(known, labels) first")
+        self.require_fitted()
         network = self.network.to(images.device).eval()
         return torch.cat([-network(chunk) for chunk in images.split(SCORE_CHUNK)]).float()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The network's weights and standardisation (tensors) and the variant they belong to."""
-        if not self.fitted:
-            raise StateError(f"{self.name} is not fitted yet: nothing to save")
-        return {"variant": self.name, "weights": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("variant") != self.name:
-            raise StateError(f"saved DROCC detector is {state.get('variant')!r}, this one is {self.name!r}")
-        try:
-            self.network.load_state_dict(state["weights"])
-        except (RuntimeError, KeyError) as exc:
-            raise StateError(f"saved {self.name} weights do not fit this config: {exc}") from None
-        self.fitted = True

@@ -11,9 +11,10 @@ from abc import abstractmethod
 from typing import Any
 
 import torch
+from torch import nn
 
 from edge_runtime.detectors.base import Detector, Observations
-from edge_runtime.errors import InputError
+from edge_runtime.errors import InputError, StateError
 
 
 class PixelDetector(Detector):
@@ -57,3 +58,29 @@ class PixelDetector(Detector):
             raise InputError(f"{self.name} was built for images {self.image_shape}, got batch.images "
                              f"{tuple(batch.images.shape[1:])}")
         return batch.images.to(self.device or batch.images.device, torch.float32)
+
+
+class NetworkPixelDetector(PixelDetector):
+    """A pixel detector whose whole trained state is one `network` (drocc, rotation): saved as its
+    weights, tagged with the detector's name so a state of another kind is refused on load."""
+
+    network: nn.Module
+    fitted: bool = False
+
+    def require_fitted(self) -> None:
+        if not self.fitted:
+            raise StateError(f"{self.name} is not fitted yet: call fit(known, labels) first")
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.fitted:
+            raise StateError(f"{self.name} is not fitted yet: nothing to save")
+        return {"variant": self.name, "weights": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("variant") != self.name:
+            raise StateError(f"saved detector is {state.get('variant')!r}, not a {self.name} detector")
+        try:
+            self.network.load_state_dict(state["weights"])
+        except (RuntimeError, KeyError) as exc:
+            raise StateError(f"saved {self.name} weights do not fit this config: {exc}") from None
+        self.fitted = True

@@ -14,15 +14,13 @@ seen at all four rotations. Rotations keep an image's shape only when it is squa
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
 from edge_runtime.config import RotationConfig
-from edge_runtime.detectors.pixel_base import PixelDetector
-from edge_runtime.errors import ConfigError, InputError, StateError
+from edge_runtime.detectors.pixel_base import NetworkPixelDetector
+from edge_runtime.errors import ConfigError, InputError
 from edge_runtime.models.fastnet import MIN_INPUT_SIZE, FastNet, whiten_first_conv
 from edge_runtime.training.augment import augment_batch
 
@@ -68,7 +66,7 @@ def train_rotation_net(network: FastNet, images: torch.Tensor, config: RotationC
     return network.eval()
 
 
-class RotationDetector(PixelDetector):
+class RotationDetector(NetworkPixelDetector):
     """Score = the rotation classifier's summed cross-entropy over the four rotations of an image."""
 
     name = "rotation"
@@ -85,7 +83,6 @@ class RotationDetector(PixelDetector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = FastNet(ROTATIONS, channels, config.width, (0.0,) * channels, (1.0,) * channels)
-        self.fitted = False
 
     def fit_pixels(self, images: torch.Tensor) -> "RotationDetector":
         """Standardise with the known images' channel statistics, whiten on them, then train."""
@@ -103,22 +100,6 @@ class RotationDetector(PixelDetector):
 
     @torch.no_grad()
     def score_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.fitted:
-            raise StateError("rotation is not fitted yet: call fit(known, labels) first")
+        self.require_fitted()
         network = self.network.to(images.device).eval()
         return torch.cat([rotation_scores(network, chunk) for chunk in images.split(SCORE_CHUNK)]).float()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The rotation classifier's weights and input statistics (tensors on the host)."""
-        if not self.fitted:
-            raise StateError("rotation is not fitted yet: nothing to save")
-        return {"variant": self.name, "weights": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("variant") != self.name:
-            raise StateError(f"saved detector is {state.get('variant')!r}, not a rotation detector")
-        try:
-            self.network.load_state_dict(state["weights"])
-        except (RuntimeError, KeyError) as exc:
-            raise StateError(f"saved rotation weights do not fit this config: {exc}") from None
-        self.fitted = True
