@@ -278,6 +278,31 @@ def test_rotation_head_refuses_images_too_small_to_rotate_and_pool(digits):
         _session(digits, **{"detector.name": "rotation"})
 
 
+def test_rotation_head_on_digits_it_can_rotate_flags_the_tenth_digit_and_reloads(tmp_path):
+    """The digits scaled to 16x16 (the smallest size a FastNet pools three times is 9): a whole session."""
+    cfg = with_overrides(load_config(ROOT / "configs/digits.yaml"),
+                         {**SETTINGS, "model.input_size": 16, "detector.name": "rotation",
+                          "detector.rotation.epochs": 15, "detector.rotation.flip": False})
+    split = prepare_data(cfg, progress=False).split
+    classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path, progress=False)
+    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device="cpu")
+    assert session.keep_pixels and session.memory.images.shape[1:3] == (16, 16)
+    adapt_session(session, stream, progress=False)
+    test = split.test
+    prediction = session.predict(test.images)
+    nines = test.labels == 9
+    # One-class on all nine known digits from 100 memory images, scored by the five fold models:
+    # measured AUROC 0.83 and 5.6% of the known test digits flagged (threshold from memory at 0.05).
+    assert ood_metrics(prediction.scores[~nines], prediction.scores[nines])["auroc"] > 0.7
+    assert 0.01 <= prediction.novel[~nines].mean() <= 0.15
+    assert set(prediction.labels[prediction.novel]) == {9} and not set(prediction.labels[~prediction.novel]) & {9}
+    session.save(tmp_path / "rotation.state")
+    restored = Session.load(tmp_path / "rotation.state")
+    np.testing.assert_allclose(restored.predict(test.images[:300]).scores, prediction.scores[:300], rtol=1e-5, atol=1e-6)
+    assert len(restored.learner.heads[-1].state_dict()["detectors"]) == 5
+
+
 @pytest.mark.parametrize("name, extra", [("grad_mahalanobis_ssl", {}),
                                          ("vae_gradient", {"detector.vae.site": "last_decoder"})])
 def test_session_learns_a_novel_condition_as_the_tenth_type(name, extra, record_property, tmp_path):
