@@ -182,6 +182,10 @@ class TrainConfig:
     translate: int = _field(2, ge=0, le=16)
     amp: bool = True
     ema_decay: float | None = _field(None, gt=0.0, lt=1.0)
+    rotation_weight: float = _field(
+        0.0, ge=0.0, description="weight of an auxiliary loss: a training-only 4-way head on the penultimate "
+        "features predicts which right-angle rotation each image got (Hendrycks et al. 2019); 0 turns it off, "
+        "else each step also runs a turned copy of the batch")
 
 
 @_section

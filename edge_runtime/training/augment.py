@@ -35,3 +35,10 @@ def augment_batch(images: torch.Tensor, *, flip: bool, translate: int, generator
     if flip:
         images = random_flip(images, generator)
     return random_translate(images, translate, generator)
+
+
+def random_rotation(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each square image of [B,C,H,W] turned by a random multiple of 90 degrees, and the turns [B] (0..3)."""
+    turns = torch.randint(0, 4, (len(images),), device=images.device, generator=generator)
+    every_turn = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # [4, B, C, H, W]
+    return every_turn[turns, torch.arange(len(images), device=images.device)], turns

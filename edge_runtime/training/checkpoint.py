@@ -19,7 +19,7 @@ import torch
 from edge_runtime.atomic import write_bytes_atomic
 from edge_runtime.errors import StateError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the training-only auxiliary head's state
 _FORMAT_KEY = "edge_runtime_checkpoint_version"
 
 
@@ -29,10 +29,12 @@ class TrainingCheckpoint:
 
     `epoch` counts finished epochs and `step` the batches already done in the next one; `order`
     is that epoch's sample order when `step > 0`. `rng` is the state of the generator that draws
-    orders and augmentations; `config` is the training config the run was started with.
+    orders and augmentations; `config` is the training config the run was started with;
+    `auxiliary` holds the rotation head's weights when the run trains one.
     """
 
     model: dict[str, torch.Tensor]
+    auxiliary: dict[str, torch.Tensor] | None
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     epoch: int

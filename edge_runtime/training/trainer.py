@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from edge_runtime.config import TrainConfig, config_to_dict
@@ -27,6 +28,7 @@ from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.fastnet import FastNet, init_whitening
 from edge_runtime.training.augment import augment_batch
 from edge_runtime.training.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
+from edge_runtime.training.rotation_auxiliary import RotationAuxiliary
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
     A fastnet's whitening layer is set from `train` first. With `checkpoint`, the state is saved
     after every epoch and when Ctrl-C arrives (the current batch finishes first, then
     KeyboardInterrupt is re-raised); `resume` continues from that file. With `cfg.ema_decay` the
-    returned model holds the moving-average weights. The model ends in eval mode on `device`.
+    returned model holds the moving-average weights; with `cfg.rotation_weight` a training-only
+    rotation head adds its loss (RotationAuxiliary). The model ends in eval mode on `device`.
     """
     started = time.perf_counter()
     _check_training_inputs(model, train, cfg)
@@ -97,7 +100,8 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
 
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = len(train) // batch_size  # the ragged tail is dropped: BatchNorm dislikes tiny batches
-    optimizer = _make_optimizer(model, cfg)
+    auxiliary = RotationAuxiliary(model.feature_dim, cfg.rotation_weight).to(device) if cfg.rotation_weight > 0 else None
+    optimizer = _make_optimizer([model] if auxiliary is None else [model, auxiliary], cfg)
     scheduler = _make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(seed)
     average = _WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -105,12 +109,13 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
     config_dump = {f"train.{key}": value for key, value in config_to_dict(cfg).items()}
     config_dump |= {"seed": seed, "samples": len(train)}
     if resume:
-        position = _restore(checkpoint, config_dump, model, optimizer, scheduler, generator, average, device)
+        position = _restore(checkpoint, config_dump, model, auxiliary, optimizer, scheduler, generator, average, device)
     epochs_before = position.epoch
 
     def snapshot() -> None:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, _capture(position, config_dump, model, optimizer, scheduler, generator, average))
+            save_checkpoint(checkpoint, _capture(position, config_dump, model, auxiliary, optimizer, scheduler, generator,
+                                                 average))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and on_cuda)
     model.train()
@@ -126,8 +131,9 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
                 batch = augment_batch(images[index], flip=cfg.flip, translate=cfg.translate, generator=generator)
                 if on_cuda:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                position.loss_sum += _train_one_batch(model, batch, labels[index], optimizer, scheduler, autocast,
-                                                      cfg.label_smoothing)
+                with autocast:
+                    loss = _batch_loss(model, auxiliary, batch, labels[index], cfg.label_smoothing, generator)
+                position.loss_sum += _step(loss, optimizer, scheduler)
                 if average is not None:
                     average.update(model)
                 position.step += 1
@@ -176,6 +182,9 @@ def _check_training_inputs(model: FrozenClassifier, train: ImageSet, cfg: TrainC
         raise DataError(f"{train.name}: {len(train)} image(s); BatchNorm training needs at least 2")
     _check_labels(train, model.num_classes)
     smallest_side = min(train.images.shape[1:3])
+    if cfg.rotation_weight > 0 and train.images.shape[1] != train.images.shape[2]:
+        raise ConfigError(f"train.rotation_weight needs square images to turn by 90 degrees; "
+                          f"{train.name} is {train.images.shape[1]}x{train.images.shape[2]}")
     if cfg.translate >= smallest_side:
         raise ConfigError(f"train.translate={cfg.translate} must be smaller than the image side ({smallest_side} px)")
 
@@ -186,13 +195,17 @@ def _check_labels(data: ImageSet, num_classes: int) -> None:
                         f"found {int(data.labels.min())}..{int(data.labels.max())}")
 
 
-def _train_one_batch(model: FrozenClassifier, batch: torch.Tensor, targets: torch.Tensor,
-                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                     autocast: torch.autocast, label_smoothing: float) -> torch.Tensor:
-    """One optimiser and schedule step; returns the batch loss without a host sync."""
-    with autocast:
-        logits = model(batch)
-    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+def _batch_loss(model: FrozenClassifier, auxiliary: RotationAuxiliary | None, batch: torch.Tensor,
+                targets: torch.Tensor, label_smoothing: float, generator: torch.Generator) -> torch.Tensor:
+    """The class cross-entropy, plus the rotation task's loss when the run trains that head."""
+    if auxiliary is not None:
+        return auxiliary.loss(model, batch, targets, label_smoothing, generator)
+    return F.cross_entropy(model(batch).float(), targets, label_smoothing=label_smoothing)
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler) -> torch.Tensor:
+    """One optimiser and schedule step on the batch loss; returns it without a host sync."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -200,9 +213,9 @@ def _train_one_batch(model: FrozenClassifier, batch: torch.Tensor, targets: torc
     return loss.detach()
 
 
-def _make_optimizer(model: FrozenClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW; weight decay only on weight matrices and kernels, not on BN or biases."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for module in modules for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
@@ -266,12 +279,14 @@ class _InterruptLatch:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _capture(position: _Position, config_dump: dict[str, object], model: FrozenClassifier, optimizer: torch.optim.Optimizer,
+def _capture(position: _Position, config_dump: dict[str, object], model: FrozenClassifier,
+             auxiliary: RotationAuxiliary | None, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
              average: _WeightAverage | None) -> TrainingCheckpoint:
     cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
     return TrainingCheckpoint(
-        model=cpu(model.state_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        model=cpu(model.state_dict()), auxiliary=None if auxiliary is None else cpu(auxiliary.state_dict()),
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         epoch=position.epoch, step=position.step,
         order=None if position.order is None else position.order.cpu(),
         rng=generator.get_state(), config=config_dump, history=list(position.history),
@@ -281,7 +296,8 @@ def _capture(position: _Position, config_dump: dict[str, object], model: FrozenC
     )
 
 
-def _restore(path: Path, config_dump: dict[str, object], model: FrozenClassifier, optimizer: torch.optim.Optimizer,
+def _restore(path: Path, config_dump: dict[str, object], model: FrozenClassifier,
+             auxiliary: RotationAuxiliary | None, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
              average: _WeightAverage | None, device: torch.device) -> _Position:
     """Load `path` into the live objects; the run must have the same config, seed and data size."""
@@ -294,6 +310,8 @@ def _restore(path: Path, config_dump: dict[str, object], model: FrozenClassifier
         raise StateError(f"checkpoint {path} and train.ema_decay disagree about keeping a weight average")
     try:
         model.load_state_dict(saved.model)
+        if auxiliary is not None:
+            auxiliary.load_state_dict(saved.auxiliary)
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         generator.set_state(saved.rng)
