@@ -12,10 +12,11 @@ from edge_runtime.config import RotationConfig, config_from_dict
 from edge_runtime.data.loader import load_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.pixel_registry import build_pixel_detector
-from edge_runtime.detectors.rotation import RotationDetector, rotated_views, rotation_scores
+from edge_runtime.detectors.rotation import RotationDetector, rotation_scores
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.one_class import first_per_class, observations_of, stratified_halves
+from edge_runtime.training.augment import rotated_views
 
 NORMAL_DIGIT = 7  # not symmetric under any right-angle rotation, unlike 0, 1 or 8
 SMALL = RotationConfig(width=4, epochs=3, batch_size=64)

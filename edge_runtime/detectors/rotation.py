@@ -22,17 +22,9 @@ from edge_runtime.config import RotationConfig
 from edge_runtime.detectors.pixel_base import NetworkPixelDetector
 from edge_runtime.errors import ConfigError, InputError
 from edge_runtime.models.fastnet import MIN_INPUT_SIZE, FastNet, whiten_first_conv
-from edge_runtime.training.augment import augment_batch
+from edge_runtime.training.augment import ROTATIONS, augment_batch, rotated_views
 
-ROTATIONS = 4
 SCORE_CHUNK = 512
-
-
-def rotated_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All four rotations of [B,C,H,H] images stacked rotation-major ([4B,C,H,H]) and their rotation labels [4B]."""
-    views = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(ROTATIONS)])
-    labels = torch.arange(ROTATIONS, device=images.device).repeat_interleave(len(images))
-    return views, labels
 
 
 def rotation_scores(network: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

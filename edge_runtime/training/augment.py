@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+ROTATIONS = 4  # right-angle turns of a square image, the upright one included
+
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image of [B,C,H,W] left-right with probability 1/2."""
@@ -37,8 +39,18 @@ def augment_batch(images: torch.Tensor, *, flip: bool, translate: int, generator
     return random_translate(images, translate, generator)
 
 
+def rotated_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All four rotations of [B,C,H,H] images stacked rotation-major ([4B,C,H,H]) and their rotation labels [4B]."""
+    views = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(ROTATIONS)])
+    labels = torch.arange(ROTATIONS, device=images.device).repeat_interleave(len(images))
+    return views, labels
+
+
 def random_rotation(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each square image of [B,C,H,W] turned by a random multiple of 90 degrees, and the turns [B] (0..3)."""
-    turns = torch.randint(0, 4, (len(images),), device=images.device, generator=generator)
-    every_turn = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # [4, B, C, H, W]
-    return every_turn[turns, torch.arange(len(images), device=images.device)], turns
+    turns = torch.randint(0, ROTATIONS, (len(images),), device=images.device, generator=generator)
+    turned = images.clone()
+    for k in range(1, ROTATIONS):  # each image is turned once, by its own k
+        chosen = turns == k
+        turned[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
+    return turned, turns

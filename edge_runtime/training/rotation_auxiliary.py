@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.models.base import FrozenClassifier
-from edge_runtime.training.augment import random_rotation
-
-ROTATIONS = 4
+from edge_runtime.training.augment import ROTATIONS, random_rotation
 
 
 class RotationAuxiliary(nn.Module):
