@@ -289,8 +289,8 @@ class RotationConfig:
 class DetectorConfig:
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
-    name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "energy", "feature_mahalanobis", "knn",
-                  "vae_gradient", "drocc", "drocc_lf", "rotation"] = "grad_mahalanobis"
+    name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "max_logit", "energy", "feature_mahalanobis",
+                  "knn", "vae_gradient", "drocc", "drocc_lf", "rotation"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
     projection_dim: int = _field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"

@@ -13,6 +13,7 @@ from edge_runtime.detectors.base import Detector, Observations
 from edge_runtime.detectors.energy import EnergyDetector
 from edge_runtime.detectors.feature_mahalanobis import FeatureMahalanobisDetector
 from edge_runtime.detectors.knn import KNNDetector
+from edge_runtime.detectors.max_logit import MaxLogitDetector
 from edge_runtime.detectors.msp import MSPDetector
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
@@ -37,6 +38,7 @@ def digits_setup():
 
 DETECTORS = {
     "msp": lambda classifier: MSPDetector(classifier),
+    "max_logit": lambda classifier: MaxLogitDetector(classifier),
     "energy": lambda classifier: EnergyDetector(classifier),
     "feature_mahalanobis": lambda classifier: FeatureMahalanobisDetector(classifier),
     "feature_mahalanobis_oas": lambda classifier: FeatureMahalanobisDetector(classifier, shrinkage="oas"),
@@ -55,12 +57,17 @@ def test_baseline_detects_the_held_out_digit(digits_setup, key):
     assert ood_metrics(known_scores.numpy(), novel_scores.numpy())["auroc"] > 0.6
 
 
-def test_msp_and_energy_follow_their_definitions(digits_setup):
+def test_msp_max_logit_and_energy_follow_their_definitions(digits_setup):
     classifier, _train, _labels, known, _novel = digits_setup
     msp = MSPDetector(classifier).score(known)
     assert torch.all((msp >= -1.0) & (msp <= -1.0 / classifier.num_classes + 1e-6))
     probs = known.logits.softmax(dim=1)
     assert torch.equal(msp.argsort(), (-probs.max(dim=1).values).argsort())
+    torch.testing.assert_close(MaxLogitDetector(classifier).score(known), -known.logits.max(dim=1).values, atol=0, rtol=0)
+    # Adding a constant to every logit moves the max logit and the energy, not the softmax.
+    shifted = Observations(known.images, known.features, known.logits + 3.0)
+    torch.testing.assert_close(MSPDetector(classifier).score(shifted), msp)
+    torch.testing.assert_close(MaxLogitDetector(classifier).score(shifted), MaxLogitDetector(classifier).score(known) - 3.0)
     hot = EnergyDetector(classifier, temperature=1000.0).score(known)
     # At a high temperature the energy tends to -T log C - mean(logits).
     torch.testing.assert_close(hot, -1000.0 * np.log(classifier.num_classes) - known.logits.mean(dim=1), atol=0.05, rtol=0)

@@ -12,6 +12,7 @@ from edge_runtime.detectors.energy import EnergyDetector
 from edge_runtime.detectors.feature_mahalanobis import FeatureMahalanobisDetector
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.detectors.knn import KNNDetector
+from edge_runtime.detectors.max_logit import MaxLogitDetector
 from edge_runtime.detectors.msp import MSPDetector
 from edge_runtime.detectors.pixel_registry import PIXEL_DETECTORS, build_pixel_detector
 from edge_runtime.models.base import FrozenClassifier
@@ -22,6 +23,7 @@ Builder = Callable[[FrozenClassifier, DetectorConfig, int], Detector]
 # and the pixel detectors (pixel_registry) train their own networks on known images.
 STATIC_DETECTORS: dict[str, Builder] = {
     "msp": lambda clf, cfg, seed: MSPDetector(clf),
+    "max_logit": lambda clf, cfg, seed: MaxLogitDetector(clf),
     "energy": lambda clf, cfg, seed: EnergyDetector(clf),
     "feature_mahalanobis": lambda clf, cfg, seed: FeatureMahalanobisDetector(clf, shrinkage=cfg.shrinkage, ridge=cfg.ridge),
     "knn": lambda clf, cfg, seed: KNNDetector(clf, k=cfg.knn_k),
