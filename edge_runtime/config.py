@@ -310,9 +310,10 @@ class DetectorConfig:
         None, gt=0.0, lt=1.0, description="threshold_rule accuracy: share of novel inputs expected after "
         "deployment (default: 1 / (classes + 1), the new class as frequent as each known one)")
     binary: BinaryHeadConfig = _field(factory=BinaryHeadConfig)
-    ssl_mode: Literal["paper", "memory_pu"] = _field(
+    ssl_mode: Literal["paper", "memory_pu", "sal"] = _field(
         "memory_pu", description="grad_mahalanobis_ssl: 'paper' = Algorithm 1 as published; 'memory_pu' = rehearsal "
-        "memory as known IDD vs the unlabeled stream (positive-unlabeled)")
+        "memory as known IDD vs the unlabeled stream (positive-unlabeled); 'sal' = SAL's gradient filter picks the "
+        "stream's OOD candidates, one cross-fitted round of pu_head learns memory vs them")
     pool_size: int = _field(20_000, gt=0, description="stream samples kept for self-supervision (the most recent)")
     pu_rounds: int = _field(3, ge=1, le=20, description="memory_pu: training rounds (1 = memory vs the whole stream)")
     pu_folds: int = _field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")

@@ -22,7 +22,8 @@ from edge_runtime.continual.memory import RehearsalMemory
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.pixel_registry import PIXEL_DETECTORS
 from edge_runtime.detectors.registry import build_static_detector
-from edge_runtime.detectors.self_supervised import SelfSupervisedDetector, keeps_images, trained_head_config
+from edge_runtime.detectors.self_supervised import (CROSS_FITTED_MODES, SelfSupervisedDetector, keeps_images,
+                                                   trained_head_config)
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
@@ -168,7 +169,7 @@ class AdaptiveHead(NoveltyHead):
         detector, pool, memory = self.detector, self.detector.pool, self.detector.memory
         if pool is None or memory is None or not self.ready:
             raise StateError("no adaptation round has run on this head yet (or it is frozen)")
-        if detector.mode == "memory_pu":
+        if detector.mode in CROSS_FITTED_MODES:
             memory_scores, pool_scores = detector.out_of_fold_scores()
             novel_share = float(detector.novel_share)
         else:

@@ -1,7 +1,7 @@
 """A saved session's novelty decision as a deploy bundle: its classifier and its novel class's head.
 
-An adapted session decides with what it learned from the stream (the memory_pu feature heads and
-their memory-calibrated threshold); a static gradient-Mahalanobis session with its statistics.
+An adapted session decides with what it learned from the stream (the cross-fitted feature heads of
+memory_pu or sal and their memory-calibrated threshold); a static gradient-Mahalanobis session with its statistics.
 Those two are what the torch-free runner can reproduce; any other head is refused by name.
 """
 
@@ -14,6 +14,7 @@ from edge_runtime.deploy.bundle import MODEL_FILE, Bundle, FeatureHeadWeights, e
 from edge_runtime.deploy.onnx_export import export_onnx
 from edge_runtime.detectors.binary_head import BinaryHead
 from edge_runtime.detectors.feature_head import FeatureHead
+from edge_runtime.detectors.self_supervised import CROSS_FITTED_MODES
 from edge_runtime.errors import ConfigError, StateError
 from edge_runtime.session import Session
 
@@ -41,14 +42,14 @@ def export_session_bundle(session: Session, out_dir: str | os.PathLike, opset: i
     if session.stat_layers:
         raise ConfigError(f"this session's heads read the statistics of layers {list(session.stat_layers)}; the "
                           f"bundle's graph outputs features and logits only, so the runner could not feed them")
-    if isinstance(head, AdaptiveHead) and head.detector.mode == "memory_pu":
+    if isinstance(head, AdaptiveHead) and head.detector.mode in CROSS_FITTED_MODES:
         decision = {"heads": [feature_head_weights(binary) for binary in head.detector.pu_heads]}
     elif isinstance(head, StaticHead) and detector_config.name == "grad_mahalanobis" \
             and detector_config.site == "last_linear":
         decision = {"gaussian": head.detectors[0].gaussian}
     else:
         raise ConfigError(f"detector {detector_config.name!r} (ssl_mode {detector_config.ssl_mode!r}, site "
-                          f"{detector_config.site!r}) cannot be exported: the runner decides with memory_pu feature "
+                          f"{detector_config.site!r}) cannot be exported: the runner decides with cross-fitted feature "
                           f"heads or last_linear grad_mahalanobis statistics")
     model = session.config.model
     onnx_path = export_onnx(session.classifier, os.path.join(out_dir, MODEL_FILE), model.input_size,

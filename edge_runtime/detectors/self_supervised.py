@@ -1,4 +1,4 @@
-"""Gradient Mahalanobis with a self-supervised IDD/OOD binary classifier, in two modes.
+"""Gradient Mahalanobis with a self-supervised IDD/OOD binary classifier, in three modes.
 
 `paper` is the seed paper's Algorithm 1 as written: every stream batch joins a pool, the binary
 head decides who is believed OOD, those get the label y_opt and the rest their predicted label,
@@ -17,6 +17,10 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
  3. each round's out-of-fold AUROC of memory vs stream is an affine, increasing function of its
     known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
     model selection without a single label of the stream.
+`sal` is SAL (Du et al., ICLR 2024) on the same memory and heads: its gradient filter
+(sal_filter.SALFilter) picks the stream's OOD candidates in one step, and one cross-fitted round of
+memory_pu's heads learns memory vs those candidates (SAL's binary classifier); `pu_rounds` and
+`pu_ranking` play no part. It is the published wild-data method beside memory_pu's label-free rounds.
 The decision threshold is read from the kept round's out-of-fold scores: by default the `target_fpr`
 conformal quantile of the memory's; with `threshold_rule: accuracy` the one that maximises the
 expected single-head accuracy of the 9+1 router (calibration.threshold.threshold_for_accuracy).
@@ -46,6 +50,7 @@ from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.binary_head import BinaryHead, HeadTask, fit_binary_heads
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
+from edge_runtime.detectors.sal_filter import SALFilter
 from edge_runtime.errors import InputError, StateError
 from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
@@ -68,6 +73,7 @@ class CrossFitRound:
 # Memory quantiles at which the known share of the stream is read off (see step 2 above).
 KNOWN_SHARE_QUANTILES = (0.25, 0.5, 0.75)
 PAPER_DECISION_PROBABILITY = 0.5  # paper mode: the head's P(OOD) decides, as in Algorithm 1
+CROSS_FITTED_MODES = ("memory_pu", "sal")  # modes whose heads are memory_pu's cross-fitted feature heads
 
 
 class SelfSupervisedDetector(Detector):
@@ -78,7 +84,7 @@ class SelfSupervisedDetector(Detector):
       choosing it (predicted vs y_opt) is the head's decision, so the head's probability is the
       per-input quantity the loop produces. `homogeneous_batches` runs its BatchNorm on the
       batch's statistics, `per_sample` on the stored ones.
-    - `memory_pu`: the mean logit of the cross-fitted heads; per-sample under both protocols.
+    - `memory_pu` and `sal`: the mean logit of the cross-fitted heads; per-sample under both protocols.
     """
 
     name = "grad_mahalanobis_ssl"
@@ -100,6 +106,7 @@ class SelfSupervisedDetector(Detector):
         self.pu_heads: list[BinaryHead] = []
         self.threshold: float | None = None
         self.novel_share: float | None = None  # memory_pu: estimated fraction of novel inputs in the pool
+        self.sal = SALFilter(classifier.num_classes) if self.mode == "sal" else None
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
         """Fit the gradient Mahalanobis statistics on known data with true labels."""
@@ -115,13 +122,15 @@ class SelfSupervisedDetector(Detector):
             raise InputError(f"memory holds {len(memory)} samples; memory_pu needs at least {needed} "
                              f"(detector.pu_folds and detector.target_fpr)")
         self.memory = self._stored(memory)
+        if self.sal is not None:
+            self.sal.fit(memory, labels)
         # Memory samples of classes learned earlier (labels >= C) are the older heads' to route.
         self.memory_correct = (labels.cpu() >= self.classifier.num_classes) | (
             memory.logits.argmax(dim=1).cpu() == labels.cpu())
 
     def observe(self, batch: Observations) -> None:
         """Add an unlabeled batch to the pool (the most recent `pool_size` are kept) and re-learn."""
-        if self.mode == "memory_pu":
+        if self.mode in CROSS_FITTED_MODES:
             self._require_memory()
         batch = self._stored(batch)
         pool = batch if self.pool is None else Observations.concat([self.pool, batch])
@@ -130,6 +139,8 @@ class SelfSupervisedDetector(Detector):
         self.pool = pool
         if self.mode == "paper":
             self._paper_round(pool)
+        elif self.mode == "sal":
+            self._sal_fit(pool)
         elif len(pool) >= self.config.pu_folds:
             self._memory_pu_fit(pool)
 
@@ -243,8 +254,8 @@ class SelfSupervisedDetector(Detector):
         confirmed, or a benchmark's ceiling for the label-free rounds (benchmarks/pu_ceiling.py). The
         pool is replaced; the threshold comes from the memory's out-of-fold scores, as in `observe`.
         """
-        if self.mode != "memory_pu":
-            raise StateError(f"fit_confirmed trains memory_pu heads; this detector runs mode {self.mode!r}")
+        if self.mode not in CROSS_FITTED_MODES:
+            raise StateError(f"fit_confirmed trains cross-fitted heads; this detector runs mode {self.mode!r}")
         self._require_memory()
         folds = self.config.pu_folds
         if novel.shape != (len(pool),) or novel.dtype != torch.bool:
@@ -254,12 +265,26 @@ class SelfSupervisedDetector(Detector):
             raise InputError(f"{int(novel.sum())} confirmed novel samples; the {folds} cross-fitted heads need at "
                              f"least {2 * folds}")
         self.pool = self._stored(pool)
+        self._fit_candidates(self.pool, novel)
+
+    # -- sal ----------------------------------------------------------------------------------
+
+    def _sal_fit(self, pool: Observations) -> None:
+        """SAL's filter picks the candidates, one cross-fitted round learns memory vs them. Until
+        the filter keeps 2 x folds candidates there is nothing to train on, and earlier heads stay."""
+        candidates = self.sal.candidates(self.memory, pool, 1.0 - self.config.target_fpr)
+        if int(candidates.sum()) >= 2 * self.config.pu_folds:
+            self._fit_candidates(pool, candidates)
+
+    def _fit_candidates(self, pool: Observations, candidates: torch.Tensor) -> None:
+        """Heads of one cross-fitted round on memory vs the pool samples `candidates` (bool [N]) marks."""
+        folds = self.config.pu_folds
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
-        with tqdm(total=folds, desc="memory_pu heads", disable=not self.progress, leave=False) as bar:
-            chains = [torch.nonzero(novel).flatten()] * folds
-            fitted = self._cross_fit(self.pool, memory_folds, pool_folds, chains, 0, bar)
+        with tqdm(total=folds, desc=f"{self.mode} heads", disable=not self.progress, leave=False) as bar:
+            chains = [torch.nonzero(candidates).flatten()] * folds
+            fitted = self._cross_fit(pool, memory_folds, pool_folds, chains, 0, bar)
         self.pu_heads = fitted.heads
-        self.novel_share = float(novel.float().mean())
+        self.novel_share = float(candidates.float().mean())
         self.threshold = self._decision_threshold(fitted)
 
     def _decision_threshold(self, kept: CrossFitRound) -> float:
@@ -333,6 +358,7 @@ class SelfSupervisedDetector(Detector):
             "pu_heads": [head.state_dict() for head in self.pu_heads],
             "threshold": self.threshold,
             "novel_share": self.novel_share,
+            "sal": None if self.sal is None else self.sal.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -354,6 +380,8 @@ class SelfSupervisedDetector(Detector):
             self.pu_heads.append(head)
         self.threshold = state["threshold"]
         self.novel_share = state["novel_share"]
+        if self.sal is not None:
+            self.sal.load_state_dict(state["sal"])
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -375,13 +403,13 @@ class SelfSupervisedDetector(Detector):
 
     def _require_memory(self) -> None:
         if self.memory is None:
-            raise StateError("memory_pu learns against the rehearsal memory: call set_memory(obs, labels) first")
+            raise StateError(f"{self.mode} learns against the rehearsal memory: call set_memory(obs, labels) first")
         if self.config.threshold_rule == "accuracy" and self.memory_correct is None:
             raise StateError("threshold_rule 'accuracy' needs the memory's labels: call set_memory(obs, labels) again")
 
     def _trained_pu_heads(self) -> list[BinaryHead]:
         if not self.pu_heads:
-            raise StateError("memory_pu has no heads yet: set_memory() and observe() stream batches first")
+            raise StateError(f"{self.mode} has no heads yet: set_memory() and observe() stream batches first")
         return self.pu_heads
 
 
