@@ -264,6 +264,10 @@ class DROCCConfig:
     lf_negatives: int = _field(64, ge=0, description="drocc_lf on images: noise-distorted known images used as the "
                                "few labelled negatives that shape the feature weights")
     noise_std: float = _field(0.3, gt=0.0, le=2.0, description="std of the noise making drocc_lf's stand-in negatives")
+    search_batchnorm: Literal["eval", "train"] = _field(
+        "eval", description="BatchNorm during the negatives' search and loss: 'eval' = stored statistics, the "
+        "per-sample decision deployment makes; 'train' = the adversarial batch's own statistics (updating the "
+        "stored ones), as the authors' public trainer runs it")
 
     def __attrs_post_init__(self) -> None:
         if self.ce_epochs >= self.epochs:

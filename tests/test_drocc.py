@@ -96,6 +96,24 @@ def test_adversarial_negatives_lie_in_the_annulus(feature_weighted):
     assert network.training  # the search restores the mode it found
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_search_batchnorm_decides_whose_statistics_the_search_reads(mode, one_class_digits):
+    torch.manual_seed(0)
+    network = DROCCDetector((1, 8, 8), DIGITS_CONFIG).network[1]
+    positives = one_class_digits[0][:32]
+    network.train()
+    network(positives)  # running statistics of the positives only
+    stored = [module.running_mean.clone() for module in network.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    config = evolve_config(DIGITS_CONFIG, search_batchnorm=mode)
+    negatives = adversarial_negatives(network, positives, config, None, torch.Generator().manual_seed(0))
+    after = [module.running_mean for module in network.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    changed = any(not torch.equal(before, now) for before, now in zip(stored, after))
+    assert changed == (mode == "train")  # the authors' handling folds the candidates into the stored statistics
+    norms = (negatives - positives).flatten(1).norm(dim=1)
+    assert bool(((norms >= config.radius - 1e-3) & (norms <= config.gamma * config.radius + 1e-3)).all())
+    assert network.training
+
+
 def test_learning_rate_follows_the_papers_steps():
     config = DROCCConfig(lr=1.0, epochs=12, ce_epochs=2)
     assert [learning_rate(config, e) for e in range(12)] == [1.0] * 6 + [0.1] * 4 + [0.01] * 2

@@ -161,8 +161,10 @@ def adversarial_negatives(network: nn.Module, positives: torch.Tensor, config: D
 
     Start from x + N(0, I) projected into the annulus; each step moves along the per-sample
     normalised gradient that raises the 'normal' logit, and every `projection_interval` steps (and
-    after the last) the offset is projected back. The network is in eval mode here, so the search
-    sees the per-sample decision the deployed model makes and leaves BatchNorm statistics alone.
+    after the last) the offset is projected back. With `search_batchnorm: eval` the network is in
+    eval mode here, so the search sees the per-sample decision the deployed model makes and leaves
+    BatchNorm statistics alone; `train` normalises each step's batch of candidates by its own
+    statistics (and updates the stored ones), as the authors' public trainer does.
     """
     def project(h: torch.Tensor) -> torch.Tensor:
         if weights is None:
@@ -170,7 +172,7 @@ def adversarial_negatives(network: nn.Module, positives: torch.Tensor, config: D
         return project_weighted_annulus(h, weights, config.radius, config.gamma)
 
     was_training = network.training
-    network.eval()
+    network.train(config.search_batchnorm == "train")
     offset = project(torch.randn(positives.shape, generator=generator).to(positives))
     for step in range(config.ascent_steps):
         candidate = (positives + offset).requires_grad_(True)
@@ -225,7 +227,7 @@ def train_drocc(network: nn.Module, positives: torch.Tensor, config: DROCCConfig
             if epoch >= config.ce_epochs and config.mu > 0:
                 weights = input_gradient_weights(network, batch) if feature_weighted else None
                 adversarial = adversarial_negatives(network, batch, config, weights, generator)
-                adversarial_logits = network.eval()(adversarial)
+                adversarial_logits = network.train(config.search_batchnorm == "train")(adversarial)
                 network.train()
                 loss = loss + config.mu * F.binary_cross_entropy_with_logits(
                     adversarial_logits, torch.zeros(len(adversarial), device=device))
