@@ -57,22 +57,11 @@ class SALFilter:
     def directions(self, pool: Observations) -> torch.Tensor:
         """[C, D]: each class's top right singular vector of the pool's centred gradients (zero where
         fewer than two pool samples are predicted that class)."""
-        means = self._fitted_means()
-        classes = pool.logits.argmax(dim=1).cpu()
-        centred = predicted_class_gradients(pool).cpu() - means[classes]
-        found = torch.zeros_like(means)
-        for label in range(self.num_classes):
-            rows = centred[classes == label]
-            if len(rows) >= MIN_SAMPLES_PER_DIRECTION:
-                found[label] = torch.linalg.svd(rows, full_matrices=False).Vh[0]
-        return found
+        return self._top_directions(*self._centred(pool))
 
     def scores(self, batch: Observations, directions: torch.Tensor) -> torch.Tensor:
         """[B] float64: |<gradient row - class mean, class direction>| at each sample's predicted class."""
-        means = self._fitted_means()
-        classes = batch.logits.argmax(dim=1).cpu()
-        centred = predicted_class_gradients(batch).cpu() - means[classes]
-        return (centred * directions[classes]).sum(dim=1).abs()
+        return _projections(*self._centred(batch), directions)
 
     def candidates(self, known: Observations, pool: Observations, quantile: float) -> torch.Tensor:
         """bool [N]: pool samples scoring above `quantile` of the known samples' scores, both under the
@@ -82,9 +71,10 @@ class SALFilter:
         self._fitted_means()
         if self.own.shape != (len(known),):
             raise InputError(f"candidates needs the {len(self.own)} known samples fit saw, got {len(known)}")
-        directions = self.directions(pool)
+        classes, centred = self._centred(pool)  # the pool's gradients, computed once for directions and scores
+        directions = self._top_directions(classes, centred)
         level = torch.quantile(self.scores(known.select(torch.nonzero(self.own).flatten()), directions), quantile)
-        return self.scores(pool, directions) > level
+        return _projections(classes, centred, directions) > level
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         return {"means": self.means, "own": self.own}
@@ -92,7 +82,26 @@ class SALFilter:
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
         self.means, self.own = state["means"], state["own"]
 
+    def _centred(self, batch: Observations) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted classes [B], gradient rows minus the known mean of each one's class [B, D])."""
+        means = self._fitted_means()
+        classes = batch.logits.argmax(dim=1).cpu()
+        return classes, predicted_class_gradients(batch).cpu() - means[classes]
+
+    def _top_directions(self, classes: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+        found = torch.zeros_like(self._fitted_means())
+        for label in range(self.num_classes):
+            rows = centred[classes == label]
+            if len(rows) >= MIN_SAMPLES_PER_DIRECTION:
+                found[label] = torch.linalg.svd(rows, full_matrices=False).Vh[0]
+        return found
+
     def _fitted_means(self) -> torch.Tensor:
         if self.means is None or self.own is None:
             raise StateError("SALFilter.fit(known, labels) must run before the pool is filtered")
         return self.means
+
+
+def _projections(classes: torch.Tensor, centred: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """|<centred row, its class's direction>| per row."""
+    return (centred * directions[classes]).sum(dim=1).abs()
