@@ -323,6 +323,9 @@ class DetectorConfig:
     pu_folds: int = _field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")
     pu_ranking: Literal["head", "head_and_gradient"] = _field(
         "head", description="memory_pu: how stream samples are ranked as OOD candidates between rounds")
+    pu_sal_round: bool = _field(
+        False, description="memory_pu: SAL's filter (ssl_mode sal) proposes one more candidate set; its round competes "
+        "with the others under the same label-free criterion (memory-vs-stream separation, out of fold)")
     pu_head: BinaryHeadConfig = _field(
         factory=lambda: BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
         description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")

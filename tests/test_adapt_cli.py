@@ -38,6 +38,8 @@ def test_each_round_is_logged_and_written(adapted):
     assert "separation AUROC (out-of-fold)" in lines[0] and "pseudo-label accuracy" in lines[0]
     assert [int(r["round"]) for r in rows] == [1, 2, 3] and [int(r["pool_size"]) for r in rows] == [80, 160, 220]
     assert 0.0 < float(rows[-1]["novel_share"]) < 1.0 and float(rows[-1]["separation_auroc"]) > 0.6
+    assert all(row["candidates"].startswith("round ") for row in rows)  # memory_pu's kept round, also printed
+    assert all(line.endswith(f"kept {row['candidates']}") for line, row in zip(lines, rows))
 
 
 def test_result_file_holds_accuracy_per_protocol_cost_and_footprint(adapted, check_results):

@@ -7,6 +7,8 @@ not in the memory, shuffled; evaluation = the digits test split, 9 vs the rest.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -356,6 +358,49 @@ def test_sal_state_round_trip_and_refusals(sal, digits_stream):
         fitted.candidates(digits_stream["memory"], more, 1.0)
     with pytest.raises(InputError, match="known samples fit saw"):
         fitted.candidates(more, more, 0.95)
+
+
+def _separation(detector: SelfSupervisedDetector) -> float:
+    memory_scores, pool_scores = detector.out_of_fold_scores()
+    return ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"]
+
+
+def test_sal_round_in_memory_pu_keeps_whichever_separates_memory_from_stream_best(memory_pu, sal, digits_stream,
+                                                                                   record_property):
+    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(shrinkage="oas", pu_sal_round=True))
+    both.fit(digits_stream["train"], digits_stream["train_labels"])
+    both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
+    _feed(both, digits_stream["stream"])
+    record_property("separation_memory_pu", _separation(memory_pu))
+    record_property("separation_sal", _separation(sal))
+    # The SAL round is sal mode's round (same candidates, folds and seeds), the others memory_pu's:
+    # the kept heads are exactly the better-separating detector's, chosen without a stream label.
+    winner = sal if _separation(sal) > _separation(memory_pu) else memory_pu
+    assert both.kept_candidates == winner.kept_candidates
+    assert _separation(both) == max(_separation(sal), _separation(memory_pu))
+    for data in ("known_test", "novel_test"):
+        assert torch.equal(both.score(digits_stream[data]), winner.score(digits_stream[data]))
+    assert both.threshold == winner.threshold
+    restored = SelfSupervisedDetector(digits_stream["classifier"], both.config)
+    restored.load_state_dict(both.state_dict())
+    assert restored.kept_candidates == both.kept_candidates and torch.equal(restored.sal.means, both.sal.means)
+
+
+def test_sal_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream, monkeypatch):
+    rounds = SelfSupervisedDetector._rounds
+
+    def uninformative(self, pool):  # memory_pu's rounds with every out-of-fold score tied: separation 0.5
+        for fitted in rounds(self, pool):
+            yield dataclasses.replace(fitted, memory_scores=torch.zeros_like(fitted.memory_scores),
+                                      pool_scores=torch.zeros_like(fitted.pool_scores))
+
+    monkeypatch.setattr(SelfSupervisedDetector, "_rounds", uninformative)
+    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_sal_round=True))
+    both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
+    _feed(both, digits_stream["stream"])
+    assert _separation(sal) > 0.5 and both.kept_candidates == "sal"
+    assert torch.equal(both.score(digits_stream["novel_test"]), sal.score(digits_stream["novel_test"]))
+    assert both.threshold == sal.threshold
 
 
 def test_sal_filter_ignores_memory_samples_of_later_novel_classes(digits_stream):

@@ -91,6 +91,7 @@ def test_fold_layout_of_the_round_report_matches_the_detector(adapted):
     assert report.round == 3 and report.pool_size == 220
     assert 0.3 <= report.novel_share <= 0.8  # true share of 9s in the stream: 120 / 220 = 0.55
     assert report.separation_auroc > 0.6 and 0.0 <= report.pseudo_label_acc <= 1.0
+    assert report.candidates == head.detector.kept_candidates and report.candidates.startswith("round ")
 
 
 def test_before_any_round_the_classifier_answers_alone(digits):
@@ -256,6 +257,7 @@ def test_sal_session_learns_the_tenth_digit_reports_rounds_and_reloads(digits, r
     report = session.round_report()
     assert report.round == 3 and report.pool_size == 220
     assert 0.3 <= report.novel_share <= 0.8  # the filter's candidates: 0.59 measured, true share of 9s 0.55
+    assert report.candidates == "sal"
     session.save(tmp_path / "sal.state")
     restored = Session.load(tmp_path / "sal.state")
     probe = split.test.images[:300]

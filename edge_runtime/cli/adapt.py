@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         rounds.append(report)
         tqdm.write(f"round {report.round:3d}  pool {report.pool_size:6d}  novel share {report.novel_share:.3f}  "
                    f"separation AUROC (out-of-fold) {report.separation_auroc:.4f}  "
-                   f"pseudo-label accuracy {report.pseudo_label_acc:.4f}")
+                   f"pseudo-label accuracy {report.pseudo_label_acc:.4f}"
+                   + (f"  kept {report.candidates}" if report.candidates else ""))
 
     seconds = adapt_session(session, stream, args.progress, log)
     state_bytes = session.save(out / STATE_FILE)

@@ -72,6 +72,8 @@ class RoundReport:
     separation_auroc: memory vs pool scores, out-of-fold wherever the head trained on them;
     pseudo_label_acc: agreement of the head's decisions with the pseudo-labels its own beliefs
     imply (memory = known; the pool's top `novel_share` = novel), NaN for heads without any.
+    candidates: what the kept heads learned as novel ("round k" of memory_pu, "sal"), "" for
+    heads without cross-fitted rounds.
     """
 
     round: int
@@ -79,6 +81,7 @@ class RoundReport:
     novel_share: float
     separation_auroc: float
     pseudo_label_acc: float
+    candidates: str = ""
 
 
 class NoveltyHead(ABC):
@@ -177,7 +180,8 @@ class AdaptiveHead(NoveltyHead):
             novel_share = float((pool_scores > self.threshold).float().mean())
         return RoundReport(round_index, len(pool), novel_share,
                            ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"],
-                           self._pseudo_label_agreement(memory_scores, pool_scores, novel_share))
+                           self._pseudo_label_agreement(memory_scores, pool_scores, novel_share),
+                           detector.kept_candidates or "")
 
     def _pseudo_label_agreement(self, memory_scores: torch.Tensor, pool_scores: torch.Tensor,
                                 novel_share: float) -> float:

@@ -17,6 +17,8 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
  3. each round's out-of-fold AUROC of memory vs stream is an affine, increasing function of its
     known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
     model selection without a single label of the stream.
+ 4. with `pu_sal_round`, SAL's candidates (below) make one more round, judged by the same criterion:
+    the label-free choice between the two ways of finding the stream's novel samples.
 `sal` is SAL (Du et al., ICLR 2024) on the same memory and heads: its gradient filter
 (sal_filter.SALFilter) picks the stream's OOD candidates in one step, and one cross-fitted round of
 memory_pu's heads learns memory vs those candidates (SAL's binary classifier); `pu_rounds` and
@@ -40,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -63,6 +66,7 @@ class CrossFitRound:
     heads: list[BinaryHead]
     memory_scores: torch.Tensor
     pool_scores: torch.Tensor
+    source: str  # the candidates its heads learned as novel: "round k" (memory_pu), "sal", "confirmed"
 
     @property
     def separation(self) -> float:
@@ -106,7 +110,9 @@ class SelfSupervisedDetector(Detector):
         self.pu_heads: list[BinaryHead] = []
         self.threshold: float | None = None
         self.novel_share: float | None = None  # memory_pu: estimated fraction of novel inputs in the pool
-        self.sal = SALFilter(classifier.num_classes) if self.mode == "sal" else None
+        self.kept_candidates: str | None = None  # cross-fitted modes: CrossFitRound.source of the kept heads
+        uses_sal = self.mode == "sal" or (self.mode == "memory_pu" and config.pu_sal_round)
+        self.sal = SALFilter(classifier.num_classes) if uses_sal else None
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
         """Fit the gradient Mahalanobis statistics on known data with true labels."""
@@ -184,11 +190,12 @@ class SelfSupervisedDetector(Detector):
     # -- memory_pu ----------------------------------------------------------------------------
 
     def _memory_pu_fit(self, pool: Observations) -> None:
-        """Run the rounds; keep the one whose heads separate memory from pool best, out of fold."""
-        kept = max(self._rounds(pool), key=lambda fitted: fitted.separation)
-        self.pu_heads = kept.heads
-        self.novel_share = 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores)
-        self.threshold = self._decision_threshold(kept)
+        """Run the rounds (and SAL's, with `pu_sal_round`); keep the one whose heads separate memory from
+        pool best, out of fold (the first of equals)."""
+        kept = max(self._rounds(pool), key=attrgetter("separation"))
+        if self.sal is not None and (candidates := self._sal_candidates(pool)) is not None:
+            kept = max(kept, self._candidate_round(pool, candidates, "sal"), key=attrgetter("separation"))
+        self._keep(kept, 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores))
 
     def _rounds(self, pool: Observations) -> Iterator[CrossFitRound]:
         """memory_pu's rounds in order; ends early when a chain keeps too few candidates to train on."""
@@ -201,7 +208,7 @@ class SelfSupervisedDetector(Detector):
         with tqdm(total=rounds * folds + (rounds - 1) * folds * (folds - 1), desc="memory_pu heads",
                   disable=not self.progress, leave=False) as bar:
             for round_index in range(rounds):
-                yield self._cross_fit(pool, memory_folds, pool_folds, chains, round_index, bar)
+                yield self._cross_fit(pool, memory_folds, pool_folds, chains, round_index, bar, f"round {round_index}")
                 if round_index + 1 < rounds:
                     chains = self._next_chains(pool, memory_folds, pool_folds, chains, round_index,
                                                gradient_scores, bar)
@@ -265,27 +272,38 @@ class SelfSupervisedDetector(Detector):
             raise InputError(f"{int(novel.sum())} confirmed novel samples; the {folds} cross-fitted heads need at "
                              f"least {2 * folds}")
         self.pool = self._stored(pool)
-        self._fit_candidates(self.pool, novel)
+        self._keep(self._candidate_round(self.pool, novel, "confirmed"), float(novel.float().mean()))
 
     # -- sal ----------------------------------------------------------------------------------
 
     def _sal_fit(self, pool: Observations) -> None:
         """SAL's filter picks the candidates, one cross-fitted round learns memory vs them. Until
         the filter keeps 2 x folds candidates there is nothing to train on, and earlier heads stay."""
-        candidates = self.sal.candidates(self.memory, pool, 1.0 - self.config.target_fpr)
-        if int(candidates.sum()) >= 2 * self.config.pu_folds:
-            self._fit_candidates(pool, candidates)
+        if (candidates := self._sal_candidates(pool)) is not None:
+            self._keep(self._candidate_round(pool, candidates, "sal"), float(candidates.float().mean()))
 
-    def _fit_candidates(self, pool: Observations, candidates: torch.Tensor) -> None:
-        """Heads of one cross-fitted round on memory vs the pool samples `candidates` (bool [N]) marks."""
+    def _sal_candidates(self, pool: Observations) -> torch.Tensor | None:
+        """bool [N]: the pool samples SAL's filter scores above the memory's 1 - target_fpr quantile;
+        None while they are fewer than 2 x folds."""
+        candidates = self.sal.candidates(self.memory, pool, 1.0 - self.config.target_fpr)
+        return candidates if int(candidates.sum()) >= 2 * self.config.pu_folds else None
+
+    # -- cross-fitting ------------------------------------------------------------------------
+
+    def _candidate_round(self, pool: Observations, candidates: torch.Tensor, source: str) -> CrossFitRound:
+        """One cross-fitted round on memory vs the pool samples `candidates` (bool [N]) marks."""
         folds = self.config.pu_folds
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
-        with tqdm(total=folds, desc=f"{self.mode} heads", disable=not self.progress, leave=False) as bar:
+        with tqdm(total=folds, desc=f"{source} heads", disable=not self.progress, leave=False) as bar:
             chains = [torch.nonzero(candidates).flatten()] * folds
-            fitted = self._cross_fit(pool, memory_folds, pool_folds, chains, 0, bar)
-        self.pu_heads = fitted.heads
-        self.novel_share = float(candidates.float().mean())
-        self.threshold = self._decision_threshold(fitted)
+            return self._cross_fit(pool, memory_folds, pool_folds, chains, 0, bar, source)
+
+    def _keep(self, kept: CrossFitRound, novel_share: float) -> None:
+        """Deploy a round's heads, with `novel_share` (the pool's estimated novel fraction) and its threshold."""
+        self.pu_heads = kept.heads
+        self.kept_candidates = kept.source
+        self.novel_share = novel_share
+        self.threshold = self._decision_threshold(kept)
 
     def _decision_threshold(self, kept: CrossFitRound) -> float:
         """The threshold of `detector.threshold_rule`, from the kept round's out-of-fold scores; the
@@ -309,13 +327,14 @@ class SelfSupervisedDetector(Detector):
                 torch.randperm(pool_size, generator=generator) % folds)
 
     def _cross_fit(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
-                   chains: list[torch.Tensor], round_index: int, bar: tqdm) -> CrossFitRound:
+                   chains: list[torch.Tensor], round_index: int, bar: tqdm, source: str) -> CrossFitRound:
         """One head per fold, trained on the other folds against that fold's chain of candidates."""
         heads = self._fit_heads([self._fold_task(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
                                                  self.seed + 1000 * round_index + fold)
                                  for fold, candidates in enumerate(chains)])
         bar.update(len(chains))
-        return CrossFitRound(heads, *self._held_out_scores(dict(enumerate(heads)), pool, memory_folds, pool_folds))
+        return CrossFitRound(heads, *self._held_out_scores(dict(enumerate(heads)), pool, memory_folds, pool_folds),
+                             source)
 
     def _held_out_scores(self, heads: dict[int, BinaryHead], pool: Observations, memory_folds: torch.Tensor,
                          pool_folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,6 +377,7 @@ class SelfSupervisedDetector(Detector):
             "pu_heads": [head.state_dict() for head in self.pu_heads],
             "threshold": self.threshold,
             "novel_share": self.novel_share,
+            "kept_candidates": self.kept_candidates,
             "sal": None if self.sal is None else self.sal.state_dict(),
         }
 
@@ -380,6 +400,7 @@ class SelfSupervisedDetector(Detector):
             self.pu_heads.append(head)
         self.threshold = state["threshold"]
         self.novel_share = state["novel_share"]
+        self.kept_candidates = state.get("kept_candidates")  # absent in states saved before pu_sal_round
         if self.sal is not None:
             self.sal.load_state_dict(state["sal"])
 
