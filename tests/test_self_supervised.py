@@ -384,6 +384,10 @@ def test_sal_round_in_memory_pu_keeps_whichever_separates_memory_from_stream_bes
     restored = SelfSupervisedDetector(digits_stream["classifier"], both.config)
     restored.load_state_dict(both.state_dict())
     assert restored.kept_candidates == both.kept_candidates and torch.equal(restored.sal.means, both.sal.means)
+    for mismatched, state in ((SelfSupervisedDetector(digits_stream["classifier"], memory_pu.config), both.state_dict()),
+                              (restored, memory_pu.state_dict())):
+        with pytest.raises(StateError, match="pu_sal_round"):
+            mismatched.load_state_dict(state)
 
 
 def test_sal_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream, monkeypatch):

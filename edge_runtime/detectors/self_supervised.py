@@ -401,6 +401,10 @@ class SelfSupervisedDetector(Detector):
         self.threshold = state["threshold"]
         self.novel_share = state["novel_share"]
         self.kept_candidates = state.get("kept_candidates")  # absent in states saved before pu_sal_round
+        if (self.sal is None) != (state.get("sal") is None):
+            raise StateError(f"saved self-supervised detector {'has' if self.sal is None else 'lacks'} SAL's filter "
+                             f"and this one's config {'does not use' if self.sal is None else 'uses'} it "
+                             f"(detector.pu_sal_round)")
         if self.sal is not None:
             self.sal.load_state_dict(state["sal"])
 
