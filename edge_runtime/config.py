@@ -314,15 +314,19 @@ class DetectorConfig:
         None, gt=0.0, lt=1.0, description="threshold_rule accuracy: share of novel inputs expected after "
         "deployment (default: 1 / (classes + 1), the new class as frequent as each known one)")
     binary: BinaryHeadConfig = _field(factory=BinaryHeadConfig)
-    ssl_mode: Literal["paper", "memory_pu", "sal"] = _field(
+    ssl_mode: Literal["paper", "memory_pu", "sal", "woods"] = _field(
         "memory_pu", description="grad_mahalanobis_ssl: 'paper' = Algorithm 1 as published; 'memory_pu' = rehearsal "
         "memory as known IDD vs the unlabeled stream (positive-unlabeled); 'sal' = SAL's gradient filter picks the "
-        "stream's OOD candidates, one cross-fitted round of pu_head learns memory vs them")
+        "stream's OOD candidates, one cross-fitted round of pu_head learns memory vs them; 'woods' = WOODS: one "
+        "cross-fitted round of pu_head flags as much of the stream as it can under a false-alarm constraint "
+        "(target_fpr) on the memory")
     pool_size: int = _field(20_000, gt=0, description="stream samples kept for self-supervision (the most recent)")
     pu_rounds: int = _field(3, ge=1, le=20, description="memory_pu: training rounds (1 = memory vs the whole stream)")
     pu_folds: int = _field(4, ge=2, le=20, description="memory_pu: cross-fitting folds; no sample is scored by a head that saw it")
     pu_ranking: Literal["head", "head_and_gradient"] = _field(
         "head", description="memory_pu: how stream samples are ranked as OOD candidates between rounds")
+    woods_penalty: float = _field(10.0, gt=0.0, description="woods: the augmented Lagrangian's penalty weight, "
+                                  "also the step of its multiplier's per-epoch update")
     pu_sal_round: bool = _field(
         False, description="memory_pu: SAL's filter (ssl_mode sal) proposes one more candidate set; its round competes "
         "with the others under the same label-free criterion (memory-vs-stream separation, out of fold)")
@@ -332,6 +336,11 @@ class DetectorConfig:
     vae: VAEGradientConfig = _field(factory=VAEGradientConfig)
     drocc: DROCCConfig = _field(factory=DROCCConfig)
     rotation: RotationConfig = _field(factory=RotationConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ssl_mode == "woods" and self.pu_head.arch != "feature_head":
+            raise _Refusal(f"ssl_mode 'woods' trains its constrained objective on a feature_head; pu_head.arch is "
+                           f"{self.pu_head.arch!r}")
 
 
 @_section

@@ -35,7 +35,7 @@ from edge_runtime.results import format_table, metric_key
 from edge_runtime.session import Session
 
 
-SSL_MODES = ("memory_pu", "sal", "paper")  # ours first; the published SAL and Algorithm 1 are reported beside it
+SSL_MODES = ("memory_pu", "sal", "woods", "paper")  # ours first; the published SAL, WOODS and Algorithm 1 beside it
 
 
 @dataclass(frozen=True)

@@ -148,11 +148,11 @@ def test_evaluate_runs_only_the_self_supervised_modes_asked_for(trained, tmp_pat
     args = ["evaluate", "--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
             "--classifier", str(trained / "classifier.safetensors"), *QUICK]
     assert main([*args, "--ssl-modes", "memory_pu,algorithm1"]) == 2
-    assert "--ssl-modes takes a comma-separated subset of memory_pu, sal, paper; got 'memory_pu,algorithm1'" in \
-        capsys.readouterr().err
-    assert main([*args, "--ssl-modes", "memory_pu,sal"]) == 0
+    assert "--ssl-modes takes a comma-separated subset of memory_pu, sal, woods, paper; got 'memory_pu,algorithm1'" \
+        in capsys.readouterr().err
+    assert main([*args, "--ssl-modes", "memory_pu,sal,woods"]) == 0
     detectors = {key.split("/")[2] for key in _result(out)["metrics"] if key.startswith("auroc/")}
-    assert {"grad_mahalanobis_ssl_memory_pu", "grad_mahalanobis_ssl_sal"} <= detectors
+    assert {"grad_mahalanobis_ssl_memory_pu", "grad_mahalanobis_ssl_sal", "grad_mahalanobis_ssl_woods"} <= detectors
     assert "grad_mahalanobis_ssl_paper" not in detectors
 
 

@@ -16,8 +16,9 @@ from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.base import Observations
 from edge_runtime.detectors.binary_head import BinaryHead, fit_binary_heads
-from edge_runtime.detectors.feature_head import FeatureHead, HeadJob, HeadRecipe, train_feature_heads
-from edge_runtime.errors import InputError
+from edge_runtime.detectors.feature_head import (FalseAlarmConstraint, FeatureHead, HeadJob, HeadRecipe,
+                                                 train_feature_heads)
+from edge_runtime.errors import ConfigError, InputError
 
 RECIPE = HeadRecipe(hidden=16, epochs=3, batch_size=32, lr=1e-3)
 
@@ -37,7 +38,8 @@ def _job(inputs: torch.Tensor, targets: torch.Tensor, seed: int) -> HeadJob:
 
 
 def _lone_head(job: HeadJob, recipe: HeadRecipe) -> FeatureHead:
-    """One head trained on its own: the loop every stacked head must reproduce."""
+    """One head trained on its own: the loop every stacked head must reproduce (with `recipe.constraint`,
+    WOODS's augmented Lagrangian written out for one head: a scalar multiplier updated after each epoch)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.init_seed)
         network = FeatureHead(job.inputs.shape[1], recipe.hidden)
@@ -46,15 +48,29 @@ def _lone_head(job: HeadJob, recipe: HeadRecipe) -> FeatureHead:
     optimiser = torch.optim.Adam(network.parameters(), lr=recipe.lr, betas=recipe.betas)
     order_source = torch.Generator().manual_seed(job.init_seed)
     pos_weight = torch.tensor(job.pos_weight)
+    multiplier = 0.0
     for _ in range(recipe.epochs):
         order = torch.randperm(len(job.inputs), generator=order_source)
+        violations = []
         for start in range(0, len(order), recipe.batch_size):
             index = order[start:start + recipe.batch_size]
-            loss = F.binary_cross_entropy_with_logits(network(job.inputs[index]), job.targets[index],
-                                                      pos_weight=pos_weight)
+            logits, targets = network(job.inputs[index]), job.targets[index]
+            if recipe.constraint is None:
+                loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+            else:
+                novel, known = targets == 1, targets == 0
+                loss = F.softplus(-logits[novel]).mean() if novel.any() else logits.sum() * 0
+                violation = torch.sigmoid(logits[known]).mean() - recipe.constraint.alpha if known.any() else None
+                if violation is not None:
+                    penalty = recipe.constraint.penalty
+                    if multiplier + penalty * violation.item() >= 0:
+                        loss = loss + multiplier * violation + penalty / 2 * violation ** 2
+                violations.append(0.0 if violation is None else violation.item())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+        if recipe.constraint is not None:
+            multiplier = max(0.0, multiplier + recipe.constraint.penalty * sum(violations) / len(violations))
     return network.eval()
 
 
@@ -73,6 +89,47 @@ def test_stacked_heads_match_heads_trained_one_at_a_time(digits, single_thread):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
         # Shorter jobs finish before the longest: each keeps the weights of its own last step.
         assert torch.allclose(head.layers[0].weight, reference.layers[0].weight, atol=1e-5)
+
+
+def test_constrained_stacked_heads_match_the_lone_augmented_lagrangian_loop(digits, single_thread):
+    inputs, labels, test_inputs = digits
+    recipe = HeadRecipe(hidden=16, epochs=4, batch_size=32, lr=1e-3, constraint=FalseAlarmConstraint(0.05, 10.0))
+    subsets = [(slice(0, 700), labels >= 5, 0), (slice(100, 433), labels % 2 == 1, 7)]
+    jobs = [_job(inputs[rows], target[rows].float(), seed) for rows, target, seed in subsets]
+    for job, head in zip(jobs, train_feature_heads(jobs, recipe)):
+        reference = _lone_head(job, recipe)
+        with torch.no_grad():
+            expected, got = reference(test_inputs), head(test_inputs)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+
+
+def test_false_alarm_constraint_holds_the_known_rows_near_alpha(digits, single_thread):
+    # Known = digits 0-4; the "stream" = other 0-4 images plus every 5-9, as in the wild-data setting.
+    inputs, labels, _ = digits
+    low = torch.nonzero(labels < 5).flatten()
+    known, stream_known, novel = low[:300], low[300:], torch.nonzero(labels >= 5).flatten()
+    rows = torch.cat([known, stream_known, novel])
+    targets = torch.cat([torch.zeros(len(known)), torch.ones(len(stream_known) + len(novel))])
+    job = _job(inputs[rows], targets, 0)
+    plain = HeadRecipe(hidden=16, epochs=20, batch_size=64, lr=1e-3)
+    constrained = HeadRecipe(hidden=16, epochs=20, batch_size=64, lr=1e-3, constraint=FalseAlarmConstraint(0.05, 10.0))
+    rates = {}
+    for name, recipe in (("plain", plain), ("constrained", constrained)):
+        (head,) = train_feature_heads([job], recipe)
+        with torch.no_grad():
+            rates[name] = torch.sigmoid(head(inputs[known])).mean().item()
+    # The class-weighted BCE puts the known rows near the stream's known images (those it must call
+    # OOD); the constraint keeps their soft false-alarm rate at alpha (measured: plain 0.25, constrained 0.033).
+    assert rates["constrained"] <= 2 * 0.05 < rates["plain"], rates
+
+
+def test_constraint_is_for_feature_heads_only():
+    split = load_digits_split("train")
+    pixels = to_tensor(split.images[:100])
+    samples = Observations(pixels, pixels.flatten(1), torch.zeros(100, 10))
+    task = (samples, torch.from_numpy(split.labels[:100] >= 5).float(), 0)
+    with pytest.raises(ConfigError, match="feature heads"):
+        fit_binary_heads("paper_cnn", BinaryHeadConfig(epochs=1), [task], constraint=FalseAlarmConstraint(0.05, 1.0))
 
 
 def test_heads_train_to_a_useful_split(digits, single_thread):

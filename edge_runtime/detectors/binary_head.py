@@ -20,7 +20,8 @@ from tqdm.auto import trange
 
 from edge_runtime.config import BinaryHeadConfig
 from edge_runtime.detectors.base import Observations
-from edge_runtime.detectors.feature_head import FeatureHead, HeadJob, HeadRecipe, train_feature_heads
+from edge_runtime.detectors.feature_head import (FalseAlarmConstraint, FeatureHead, HeadJob, HeadRecipe,
+                                                 train_feature_heads)
 from edge_runtime.errors import ConfigError, InputError, StateError
 
 HeadTask = tuple[Observations, torch.Tensor, int]  # one head's (samples, targets P(OOD), seed)
@@ -176,21 +177,25 @@ class BinaryHead:
         return self.network
 
 
-def fit_binary_heads(arch: str, config: BinaryHeadConfig, tasks: Sequence[HeadTask],
-                     progress: bool = False) -> list[BinaryHead]:
-    """One head per (samples, targets, seed) task, each as `BinaryHead(arch, config, seed).fit` trains it.
+def fit_binary_heads(arch: str, config: BinaryHeadConfig, tasks: Sequence[HeadTask], progress: bool = False,
+                     constraint: FalseAlarmConstraint | None = None) -> list[BinaryHead]:
+    """One head per (samples, targets, seed) task, each as `BinaryHead(arch, config, seed).fit` trains it,
+    or, with `constraint` (feature heads only), under WOODS's false-alarm-constrained objective.
 
     Feature heads train together as one stacked model (feature_head.train_feature_heads), which is
     what makes memory_pu's many small heads cheap; pixel CNNs train one after another.
     """
     heads = [BinaryHead(arch, config, seed, progress) for _, _, seed in tasks]
     if arch != "feature_head":
+        if constraint is not None:
+            raise ConfigError(f"the false-alarm-constrained objective trains feature heads, not {arch!r}")
         return [head.fit(samples, targets) for head, (samples, targets, _) in zip(heads, tasks)]
     jobs = [head._job(samples, targets) for head, (samples, targets, _) in zip(heads, tasks)]
-    for head, network in zip(heads, train_feature_heads(jobs, _recipe(config), progress)):
+    for head, network in zip(heads, train_feature_heads(jobs, _recipe(config, constraint), progress)):
         head.network = network
     return heads
 
 
-def _recipe(config: BinaryHeadConfig) -> HeadRecipe:
-    return HeadRecipe(config.width, config.epochs, config.batch_size, config.lr, (config.beta1, config.beta2))
+def _recipe(config: BinaryHeadConfig, constraint: FalseAlarmConstraint | None = None) -> HeadRecipe:
+    return HeadRecipe(config.width, config.epochs, config.batch_size, config.lr, (config.beta1, config.beta2),
+                      constraint)

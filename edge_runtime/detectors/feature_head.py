@@ -7,6 +7,8 @@ in one loop: their weights are stacked along a leading head axis, and each step 
 matmul, one backward and one Adam step for all of them. Every head still sees exactly its own data,
 shuffling, initialisation and Adam state (Adam is elementwise and the heads' losses are summed, so a
 head's gradient is its own loss's); a head whose schedule is shorter keeps the weights of its last step.
+
+The loss is class-weighted BCE, or with a `FalseAlarmConstraint` WOODS's constrained objective.
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ class HeadJob:
 
 
 @dataclass(frozen=True)
+class FalseAlarmConstraint:
+    """WOODS's objective (Katz-Samuels et al., ICML 2022) in place of the class-weighted BCE.
+
+    Minimise the logistic loss of the OOD-labelled rows (the wild stream: flag as much of it as
+    possible) subject to a soft false-alarm rate on the IDD rows, mean sigmoid(logit) <= alpha,
+    by the augmented Lagrangian: with c = rate - alpha, the penalty is lam c + penalty c^2 / 2
+    (-lam^2 / (2 penalty) where lam + penalty c < 0), and each head's lam becomes
+    max(0, lam + penalty * mean c) at the end of each of its epochs.
+    """
+
+    alpha: float
+    penalty: float
+
+
+@dataclass(frozen=True)
 class HeadRecipe:
     """What every head of one `train_feature_heads` call shares."""
 
@@ -63,6 +80,7 @@ class HeadRecipe:
     batch_size: int
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
+    constraint: FalseAlarmConstraint | None = None
 
 
 # The stacked parameters, in FeatureHead.layers' order: (submodule index, attribute).
@@ -70,7 +88,8 @@ _PARAMETERS = ((0, "weight"), (0, "bias"), (2, "weight"), (2, "bias"))
 
 
 def train_feature_heads(jobs: Sequence[HeadJob], recipe: HeadRecipe, progress: bool = False) -> list[FeatureHead]:
-    """Train one FeatureHead per job with Adam on class-weighted BCE, all in the same steps; eval mode."""
+    """Train one FeatureHead per job with Adam on class-weighted BCE (or `recipe.constraint`'s objective),
+    all in the same steps; eval mode."""
     if not jobs:
         return []
     dim, device = jobs[0].inputs.shape[-1], jobs[0].inputs.device  # a job of another rank fails the check below
@@ -88,20 +107,55 @@ def train_feature_heads(jobs: Sequence[HeadJob], recipe: HeadRecipe, progress: b
     finishing: dict[int, list[int]] = {}
     for head, step in enumerate(last_step):
         finishing.setdefault(step, []).append(head)
+    lagrangian = None if recipe.constraint is None else _Lagrangian(recipe.constraint, jobs, recipe.batch_size, device)
     optimiser = torch.optim.Adam(params, lr=recipe.lr, betas=recipe.betas)
     for step in trange(index.shape[1], desc=f"{len(jobs)} feature heads, steps", disable=not progress, leave=False):
         rows = index[:, step]
         logits = _stacked_forward(params, inputs[heads, rows])
-        losses = F.binary_cross_entropy_with_logits(logits, targets[heads, rows], pos_weight=pos_weight,
-                                                    reduction="none")
-        counts = weight[:, step].sum(dim=1).clamp_min(1.0)
-        loss = ((losses * weight[:, step]).sum(dim=1) / counts).sum()
+        if lagrangian is None:
+            losses = F.binary_cross_entropy_with_logits(logits, targets[heads, rows], pos_weight=pos_weight,
+                                                        reduction="none")
+            counts = weight[:, step].sum(dim=1).clamp_min(1.0)
+            loss = ((losses * weight[:, step]).sum(dim=1) / counts).sum()
+        else:
+            loss = lagrangian.loss(logits, targets[heads, rows], weight[:, step], step)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         for head in finishing.get(step, ()):
             _copy_into(networks[head], params, head)
     return [network.eval() for network in networks]
+
+
+class _Lagrangian:
+    """The augmented Lagrangian of `FalseAlarmConstraint` for every head: its multipliers and the
+    constraint values summed over each head's current epoch."""
+
+    def __init__(self, constraint: FalseAlarmConstraint, jobs: Sequence[HeadJob], batch_size: int,
+                 device: torch.device) -> None:
+        self.constraint = constraint
+        self.multipliers = torch.zeros(len(jobs), device=device)
+        self.violation_sum = torch.zeros(len(jobs), device=device)
+        self.epoch_steps = torch.tensor([-(-len(job.inputs) // batch_size) for job in jobs], device=device)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, step: int) -> torch.Tensor:
+        """Sum over heads of (stream rows' logistic loss + penalty on the IDD rows' soft false-alarm rate)."""
+        novel, known = weight * targets, weight * (1.0 - targets)
+        objective = (novel * F.softplus(-logits)).sum(dim=1) / novel.sum(dim=1).clamp_min(1.0)
+        rate = (known * torch.sigmoid(logits)).sum(dim=1) / known.sum(dim=1).clamp_min(1.0)
+        violation = torch.where(known.sum(dim=1) > 0, rate - self.constraint.alpha, torch.zeros_like(rate))
+        lam, penalty = self.multipliers, self.constraint.penalty
+        psi = torch.where(lam + penalty * violation >= 0, lam * violation + penalty / 2 * violation.square(),
+                          -lam.square() / (2 * penalty))
+        self._end_step(violation.detach(), step)
+        return (objective + psi).sum()
+
+    def _end_step(self, violation: torch.Tensor, step: int) -> None:
+        self.violation_sum += violation
+        ending = (step + 1) % self.epoch_steps == 0  # heads past their schedule only pad; their updates do not matter
+        updated = (self.multipliers + self.constraint.penalty * self.violation_sum / self.epoch_steps).clamp_min(0.0)
+        self.multipliers = torch.where(ending, updated, self.multipliers)
+        self.violation_sum = torch.where(ending, torch.zeros_like(self.violation_sum), self.violation_sum)
 
 
 def _initialised(job: HeadJob, dim: int, hidden: int, device: torch.device) -> FeatureHead:

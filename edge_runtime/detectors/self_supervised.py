@@ -23,6 +23,10 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
 (sal_filter.SALFilter) picks the stream's OOD candidates in one step, and one cross-fitted round of
 memory_pu's heads learns memory vs those candidates (SAL's binary classifier); `pu_rounds` and
 `pu_ranking` play no part. It is the published wild-data method beside memory_pu's label-free rounds.
+`woods` is WOODS (Katz-Samuels et al., ICML 2022) with the classifier frozen: one cross-fitted round
+of the same heads, memory vs the whole stream, each trained to flag as much of the stream as it can
+while its soft false-alarm rate on the memory stays at `target_fpr` (feature_head.FalseAlarmConstraint,
+an augmented Lagrangian): the constrained, Neyman-Pearson form of memory_pu's round 0.
 The decision threshold is read from the kept round's out-of-fold scores: by default the `target_fpr`
 conformal quantile of the memory's; with `threshold_rule: accuracy` the one that maximises the
 expected single-head accuracy of the 9+1 router (calibration.threshold.threshold_for_accuracy).
@@ -52,6 +56,7 @@ from calibration.threshold import threshold_at_fpr, threshold_for_accuracy
 from edge_runtime.config import BinaryHeadConfig, DetectorConfig
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
 from edge_runtime.detectors.binary_head import BinaryHead, HeadTask, fit_binary_heads
+from edge_runtime.detectors.feature_head import FalseAlarmConstraint
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
 from edge_runtime.detectors.sal_filter import SALFilter
 from edge_runtime.errors import InputError, StateError
@@ -77,7 +82,7 @@ class CrossFitRound:
 # Memory quantiles at which the known share of the stream is read off (see step 2 above).
 KNOWN_SHARE_QUANTILES = (0.25, 0.5, 0.75)
 PAPER_DECISION_PROBABILITY = 0.5  # paper mode: the head's P(OOD) decides, as in Algorithm 1
-CROSS_FITTED_MODES = ("memory_pu", "sal")  # modes whose heads are memory_pu's cross-fitted feature heads
+CROSS_FITTED_MODES = ("memory_pu", "sal", "woods")  # modes whose heads are memory_pu's cross-fitted feature heads
 
 
 class SelfSupervisedDetector(Detector):
@@ -113,6 +118,8 @@ class SelfSupervisedDetector(Detector):
         self.kept_candidates: str | None = None  # cross-fitted modes: CrossFitRound.source of the kept heads
         uses_sal = self.mode == "sal" or (self.mode == "memory_pu" and config.pu_sal_round)
         self.sal = SALFilter(classifier.num_classes) if uses_sal else None
+        self.head_constraint = (FalseAlarmConstraint(config.target_fpr, config.woods_penalty)
+                                if self.mode == "woods" else None)
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
         """Fit the gradient Mahalanobis statistics on known data with true labels."""
@@ -147,7 +154,11 @@ class SelfSupervisedDetector(Detector):
             self._paper_round(pool)
         elif self.mode == "sal":
             self._sal_fit(pool)
-        elif len(pool) >= self.config.pu_folds:
+        elif len(pool) < self.config.pu_folds:
+            return  # a fold without stream samples has nothing to learn against
+        elif self.mode == "woods":
+            self._woods_fit(pool)
+        else:
             self._memory_pu_fit(pool)
 
     def score(self, batch: Observations) -> torch.Tensor:
@@ -288,6 +299,13 @@ class SelfSupervisedDetector(Detector):
         candidates = self.sal.candidates(self.memory, pool, 1.0 - self.config.target_fpr)
         return candidates if int(candidates.sum()) >= 2 * self.config.pu_folds else None
 
+    # -- woods --------------------------------------------------------------------------------
+
+    def _woods_fit(self, pool: Observations) -> None:
+        """One cross-fitted round of constrained heads, memory vs the whole stream."""
+        kept = self._candidate_round(pool, torch.ones(len(pool), dtype=torch.bool), "woods")
+        self._keep(kept, 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores))
+
     # -- cross-fitting ------------------------------------------------------------------------
 
     def _candidate_round(self, pool: Observations, candidates: torch.Tensor, source: str) -> CrossFitRound:
@@ -361,7 +379,7 @@ class SelfSupervisedDetector(Detector):
 
     def _fit_heads(self, tasks: list[HeadTask]) -> list[BinaryHead]:
         """The memory-vs-stream heads of one stage, trained together (binary_head.fit_binary_heads)."""
-        return fit_binary_heads(self.config.pu_head.arch, self.config.pu_head, tasks, self.progress)
+        return fit_binary_heads(self.config.pu_head.arch, self.config.pu_head, tasks, self.progress, self.head_constraint)
 
     # -- state --------------------------------------------------------------------------------
 
