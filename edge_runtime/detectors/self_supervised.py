@@ -1,4 +1,4 @@
-"""Gradient Mahalanobis with a self-supervised IDD/OOD binary classifier, in three modes.
+"""Gradient Mahalanobis with a self-supervised IDD/OOD binary classifier, in four modes.
 
 `paper` is the seed paper's Algorithm 1 as written: every stream batch joins a pool, the binary
 head decides who is believed OOD, those get the label y_opt and the rest their predicted label,
