@@ -327,9 +327,10 @@ class DetectorConfig:
         "head", description="memory_pu: how stream samples are ranked as OOD candidates between rounds")
     woods_penalty: float = _field(10.0, gt=0.0, description="woods: the augmented Lagrangian's penalty weight, "
                                   "also the step of its multiplier's per-epoch update")
-    pu_sal_round: bool = _field(
-        False, description="memory_pu: SAL's filter (ssl_mode sal) proposes one more candidate set; its round competes "
-        "with the others under the same label-free criterion (memory-vs-stream separation, out of fold)")
+    pu_extra_rounds: tuple[Literal["sal", "woods"], ...] = _field(
+        (), description="memory_pu: peer methods whose one round competes with memory_pu's rounds under the same "
+        "label-free criterion (memory-vs-stream separation, out of fold): 'sal' = heads on SAL's candidates, "
+        "'woods' = WOODS's constrained heads on the whole stream")
     pu_head: BinaryHeadConfig = _field(
         factory=lambda: BinaryHeadConfig(arch="feature_head", epochs=30, lr=1e-3, beta1=0.9),
         description="memory_pu: recipe of the memory-vs-stream head (the paper's recipe stays in 'binary')")

@@ -365,19 +365,21 @@ def _separation(detector: SelfSupervisedDetector) -> float:
     return ood_metrics(memory_scores.numpy(), pool_scores.numpy())["auroc"]
 
 
-def test_sal_round_in_memory_pu_keeps_whichever_separates_memory_from_stream_best(memory_pu, sal, digits_stream,
-                                                                                   record_property):
-    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(shrinkage="oas", pu_sal_round=True))
+def test_peer_rounds_in_memory_pu_keep_whichever_separates_memory_from_stream_best(memory_pu, sal, woods,
+                                                                                   digits_stream, record_property):
+    config = DetectorConfig(shrinkage="oas", pu_extra_rounds=("sal", "woods"))
+    both = SelfSupervisedDetector(digits_stream["classifier"], config)
     both.fit(digits_stream["train"], digits_stream["train_labels"])
     both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
     _feed(both, digits_stream["stream"])
-    record_property("separation_memory_pu", _separation(memory_pu))
-    record_property("separation_sal", _separation(sal))
-    # The SAL round is sal mode's round (same candidates, folds and seeds), the others memory_pu's:
-    # the kept heads are exactly the better-separating detector's, chosen without a stream label.
-    winner = sal if _separation(sal) > _separation(memory_pu) else memory_pu
+    rivals = {"memory_pu": memory_pu, "sal": sal, "woods": woods}
+    for name, rival in rivals.items():
+        record_property(f"separation_{name}", _separation(rival))
+    # Each peer round is that mode's own round (same candidates, objective, folds and seeds), the others
+    # memory_pu's: the kept heads are exactly the best-separating detector's, chosen without a stream label.
+    winner = max(rivals.values(), key=_separation)
     assert both.kept_candidates == winner.kept_candidates
-    assert _separation(both) == max(_separation(sal), _separation(memory_pu))
+    assert _separation(both) == _separation(winner)
     for data in ("known_test", "novel_test"):
         assert torch.equal(both.score(digits_stream[data]), winner.score(digits_stream[data]))
     assert both.threshold == winner.threshold
@@ -386,11 +388,11 @@ def test_sal_round_in_memory_pu_keeps_whichever_separates_memory_from_stream_bes
     assert restored.kept_candidates == both.kept_candidates and torch.equal(restored.sal.means, both.sal.means)
     for mismatched, state in ((SelfSupervisedDetector(digits_stream["classifier"], memory_pu.config), both.state_dict()),
                               (restored, memory_pu.state_dict())):
-        with pytest.raises(StateError, match="pu_sal_round"):
+        with pytest.raises(StateError, match="pu_extra_rounds"):
             mismatched.load_state_dict(state)
 
 
-def test_sal_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream, monkeypatch):
+def test_a_peer_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream, monkeypatch):
     rounds = SelfSupervisedDetector._rounds
 
     def uninformative(self, pool):  # memory_pu's rounds with every out-of-fold score tied: separation 0.5
@@ -399,7 +401,7 @@ def test_sal_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream, mo
                                       pool_scores=torch.zeros_like(fitted.pool_scores))
 
     monkeypatch.setattr(SelfSupervisedDetector, "_rounds", uninformative)
-    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_sal_round=True))
+    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_extra_rounds=("sal",)))
     both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
     _feed(both, digits_stream["stream"])
     assert _separation(sal) > 0.5 and both.kept_candidates == "sal"

@@ -17,8 +17,8 @@ positive-unlabeled problem (memory = positives, stream = a mix), solved by cross
  3. each round's out-of-fold AUROC of memory vs stream is an affine, increasing function of its
     known-vs-novel AUROC (the stream is a fixed mixture), so the round maximising it is kept:
     model selection without a single label of the stream.
- 4. with `pu_sal_round`, SAL's candidates (below) make one more round, judged by the same criterion:
-    the label-free choice between the two ways of finding the stream's novel samples.
+ 4. `pu_extra_rounds` adds the one round of a peer method below (SAL's, WOODS's), judged by the same
+    criterion: a label-free choice between ways of finding the stream's novel samples.
 `sal` is SAL (Du et al., ICLR 2024) on the same memory and heads: its gradient filter
 (sal_filter.SALFilter) picks the stream's OOD candidates in one step, and one cross-fitted round of
 memory_pu's heads learns memory vs those candidates (SAL's binary classifier); `pu_rounds` and
@@ -116,10 +116,9 @@ class SelfSupervisedDetector(Detector):
         self.threshold: float | None = None
         self.novel_share: float | None = None  # memory_pu: estimated fraction of novel inputs in the pool
         self.kept_candidates: str | None = None  # cross-fitted modes: CrossFitRound.source of the kept heads
-        uses_sal = self.mode == "sal" or (self.mode == "memory_pu" and config.pu_sal_round)
-        self.sal = SALFilter(classifier.num_classes) if uses_sal else None
-        self.head_constraint = (FalseAlarmConstraint(config.target_fpr, config.woods_penalty)
-                                if self.mode == "woods" else None)
+        peers = {self.mode} | (set(config.pu_extra_rounds) if self.mode == "memory_pu" else set())
+        self.sal = SALFilter(classifier.num_classes) if "sal" in peers else None
+        self.woods_constraint = FalseAlarmConstraint(config.target_fpr, config.woods_penalty) if "woods" in peers else None
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
         """Fit the gradient Mahalanobis statistics on known data with true labels."""
@@ -201,12 +200,20 @@ class SelfSupervisedDetector(Detector):
     # -- memory_pu ----------------------------------------------------------------------------
 
     def _memory_pu_fit(self, pool: Observations) -> None:
-        """Run the rounds (and SAL's, with `pu_sal_round`); keep the one whose heads separate memory from
+        """Run the rounds (and the `pu_extra_rounds` peers'); keep the one whose heads separate memory from
         pool best, out of fold (the first of equals)."""
         kept = max(self._rounds(pool), key=attrgetter("separation"))
-        if self.sal is not None and (candidates := self._sal_candidates(pool)) is not None:
-            kept = max(kept, self._candidate_round(pool, candidates, "sal"), key=attrgetter("separation"))
+        for peer in self.config.pu_extra_rounds:
+            if (challenger := self._peer_round(peer, pool)) is not None:
+                kept = max(kept, challenger, key=attrgetter("separation"))
         self._keep(kept, 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores))
+
+    def _peer_round(self, peer: str, pool: Observations) -> CrossFitRound | None:
+        """SAL's or WOODS's round on this pool; None where SAL's filter keeps too few candidates."""
+        if peer == "woods":
+            return self._woods_round(pool)
+        candidates = self._sal_candidates(pool)
+        return None if candidates is None else self._candidate_round(pool, candidates, "sal")
 
     def _rounds(self, pool: Observations) -> Iterator[CrossFitRound]:
         """memory_pu's rounds in order; ends early when a chain keeps too few candidates to train on."""
@@ -302,19 +309,24 @@ class SelfSupervisedDetector(Detector):
     # -- woods --------------------------------------------------------------------------------
 
     def _woods_fit(self, pool: Observations) -> None:
-        """One cross-fitted round of constrained heads, memory vs the whole stream."""
-        kept = self._candidate_round(pool, torch.ones(len(pool), dtype=torch.bool), "woods")
+        kept = self._woods_round(pool)
         self._keep(kept, 1.0 - estimate_known_share(kept.memory_scores, kept.pool_scores))
+
+    def _woods_round(self, pool: Observations) -> CrossFitRound:
+        """One cross-fitted round of constrained heads, memory vs the whole stream."""
+        return self._candidate_round(pool, torch.ones(len(pool), dtype=torch.bool), "woods", self.woods_constraint)
 
     # -- cross-fitting ------------------------------------------------------------------------
 
-    def _candidate_round(self, pool: Observations, candidates: torch.Tensor, source: str) -> CrossFitRound:
-        """One cross-fitted round on memory vs the pool samples `candidates` (bool [N]) marks."""
+    def _candidate_round(self, pool: Observations, candidates: torch.Tensor, source: str,
+                         constraint: FalseAlarmConstraint | None = None) -> CrossFitRound:
+        """One cross-fitted round on memory vs the pool samples `candidates` (bool [N]) marks, its heads
+        trained on class-weighted BCE or under `constraint`."""
         folds = self.config.pu_folds
         memory_folds, pool_folds = self._fold_layout(len(pool), folds)
         with tqdm(total=folds, desc=f"{source} heads", disable=not self.progress, leave=False) as bar:
             chains = [torch.nonzero(candidates).flatten()] * folds
-            return self._cross_fit(pool, memory_folds, pool_folds, chains, 0, bar, source)
+            return self._cross_fit(pool, memory_folds, pool_folds, chains, 0, bar, source, constraint)
 
     def _keep(self, kept: CrossFitRound, novel_share: float) -> None:
         """Deploy a round's heads, with `novel_share` (the pool's estimated novel fraction) and its threshold."""
@@ -345,11 +357,12 @@ class SelfSupervisedDetector(Detector):
                 torch.randperm(pool_size, generator=generator) % folds)
 
     def _cross_fit(self, pool: Observations, memory_folds: torch.Tensor, pool_folds: torch.Tensor,
-                   chains: list[torch.Tensor], round_index: int, bar: tqdm, source: str) -> CrossFitRound:
+                   chains: list[torch.Tensor], round_index: int, bar: tqdm, source: str,
+                   constraint: FalseAlarmConstraint | None = None) -> CrossFitRound:
         """One head per fold, trained on the other folds against that fold's chain of candidates."""
         heads = self._fit_heads([self._fold_task(pool, memory_folds, pool_folds, candidates, frozenset((fold,)),
                                                  self.seed + 1000 * round_index + fold)
-                                 for fold, candidates in enumerate(chains)])
+                                 for fold, candidates in enumerate(chains)], constraint)
         bar.update(len(chains))
         return CrossFitRound(heads, *self._held_out_scores(dict(enumerate(heads)), pool, memory_folds, pool_folds),
                              source)
@@ -377,9 +390,9 @@ class SelfSupervisedDetector(Detector):
         targets = torch.cat([torch.zeros(len(known)), torch.ones(len(novel))])
         return samples, targets, seed
 
-    def _fit_heads(self, tasks: list[HeadTask]) -> list[BinaryHead]:
+    def _fit_heads(self, tasks: list[HeadTask], constraint: FalseAlarmConstraint | None = None) -> list[BinaryHead]:
         """The memory-vs-stream heads of one stage, trained together (binary_head.fit_binary_heads)."""
-        return fit_binary_heads(self.config.pu_head.arch, self.config.pu_head, tasks, self.progress, self.head_constraint)
+        return fit_binary_heads(self.config.pu_head.arch, self.config.pu_head, tasks, self.progress, constraint)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -418,11 +431,11 @@ class SelfSupervisedDetector(Detector):
             self.pu_heads.append(head)
         self.threshold = state["threshold"]
         self.novel_share = state["novel_share"]
-        self.kept_candidates = state.get("kept_candidates")  # absent in states saved before pu_sal_round
+        self.kept_candidates = state.get("kept_candidates")  # absent in states saved before the peer rounds
         if (self.sal is None) != (state.get("sal") is None):
             raise StateError(f"saved self-supervised detector {'has' if self.sal is None else 'lacks'} SAL's filter "
                              f"and this one's config {'does not use' if self.sal is None else 'uses'} it "
-                             f"(detector.pu_sal_round)")
+                             f"(detector.pu_extra_rounds)")
         if self.sal is not None:
             self.sal.load_state_dict(state["sal"])
 
