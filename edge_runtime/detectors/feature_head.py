@@ -118,7 +118,7 @@ def train_feature_heads(jobs: Sequence[HeadJob], recipe: HeadRecipe, progress: b
             counts = weight[:, step].sum(dim=1).clamp_min(1.0)
             loss = ((losses * weight[:, step]).sum(dim=1) / counts).sum()
         else:
-            loss = lagrangian.loss(logits, targets[heads, rows], weight[:, step], step)
+            loss = lagrangian.step_loss(logits, targets[heads, rows], weight[:, step], step)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -138,8 +138,9 @@ class _Lagrangian:
         self.violation_sum = torch.zeros(len(jobs), device=device)
         self.epoch_steps = torch.tensor([-(-len(job.inputs) // batch_size) for job in jobs], device=device)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, step: int) -> torch.Tensor:
-        """Sum over heads of (stream rows' logistic loss + penalty on the IDD rows' soft false-alarm rate)."""
+    def step_loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, step: int) -> torch.Tensor:
+        """Sum over heads of (stream rows' logistic loss + penalty on the IDD rows' soft false-alarm rate);
+        counts this step's constraint values towards the multipliers' update at each head's epoch end."""
         novel, known = weight * targets, weight * (1.0 - targets)
         objective = (novel * F.softplus(-logits)).sum(dim=1) / novel.sum(dim=1).clamp_min(1.0)
         rate = (known * torch.sigmoid(logits)).sum(dim=1) / known.sum(dim=1).clamp_min(1.0)
