@@ -339,9 +339,10 @@ class DetectorConfig:
     rotation: RotationConfig = _field(factory=RotationConfig)
 
     def __attrs_post_init__(self) -> None:
-        if self.ssl_mode == "woods" and self.pu_head.arch != "feature_head":
-            raise _Refusal(f"ssl_mode 'woods' trains its constrained objective on a feature_head; pu_head.arch is "
-                           f"{self.pu_head.arch!r}")
+        woods = self.ssl_mode == "woods" or (self.ssl_mode == "memory_pu" and "woods" in self.pu_extra_rounds)
+        if woods and self.pu_head.arch != "feature_head":
+            raise _Refusal(f"WOODS (ssl_mode 'woods' or pu_extra_rounds 'woods') trains its constrained objective on "
+                           f"a feature_head; pu_head.arch is {self.pu_head.arch!r}")
 
 
 @_section

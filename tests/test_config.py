@@ -50,6 +50,8 @@ def test_empty_document_gives_defaults():
     ("data: {novel_condition: {kind: haze, level: 9}}", ["data.novel_condition.level", "less than or equal to 5"]),
     ("model: {arch: custom}", ["factory"]),
     ("detector: {ssl_mode: woods, pu_head: {arch: paper_cnn}}", ["ssl_mode 'woods'", "feature_head", "paper_cnn"]),
+    ("detector: {pu_extra_rounds: [woods], pu_head: {arch: paper_cnn}}", ["pu_extra_rounds 'woods'", "paper_cnn"]),
+    ("detector: {pu_extra_rounds: [sal, drocc]}", ["detector.pu_extra_rounds", "'sal', 'woods'", "drocc"]),
     ("ood_sets: [{dataset: mnist, bogus: 1}]", ["ood_sets.0.bogus", "limit"]),
     ("[1, 2]", ["top level must be a mapping"]),
     ("data: [", ["invalid YAML"]),
