@@ -55,7 +55,7 @@ def test_every_class_budget_and_protocol_is_measured(bench, check_results):
 def test_markdown_table_and_bar_chart_are_written(bench):
     report = (bench / "budget.md").read_text()
     assert report.index("protocol `per_sample`") < report.index("protocol `homogeneous_batches`")
-    assert "| budget    | 3     | 9     | mean  |" in report and "30 (ours)" in report and "60 (ours)" in report
+    assert "| budget         | 3     | 9     | mean  |" in report and "30 (memory_pu)" in report and "60 (memory_pu)" in report
     assert "paper" not in report  # the paper's row belongs to CIFAR-10 only
     assert "adapt seconds" in report
     assert "## where the misses are" in report and "novel recall, `per_sample`" in report
@@ -100,7 +100,7 @@ def test_cifar10_tables_carry_the_papers_row_beside_ours():
     report = budget_markdown(metrics, cfg, "cifar10-9", classes, budgets)
     paper_mean = (PAPER_TABLE4[500][0] + PAPER_TABLE4[500][3]) / 2
     assert f"| 500 (paper, Table 4) | 90.58    | 91.70 | {paper_mean:.2f} |" in report
-    assert "| 500 (ours)           | 90.00    | 90.00 | 90.00 |" in report
+    assert "| 500 (memory_pu)      | 90.00    | 90.00 | 90.00 |" in report
 
 
 def test_resume_keeps_measured_classes_and_refuses_another_config(bench, tmp_path):
