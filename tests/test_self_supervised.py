@@ -401,7 +401,8 @@ def test_a_peer_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream,
                                       pool_scores=torch.zeros_like(fitted.pool_scores))
 
     monkeypatch.setattr(SelfSupervisedDetector, "_rounds", uninformative)
-    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_extra_rounds=("sal",)))
+    # One round is enough to lose to SAL's (and keeps the test short); SAL's round ignores pu_rounds.
+    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_rounds=1, pu_extra_rounds=("sal",)))
     both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
     _feed(both, digits_stream["stream"])
     assert _separation(sal) > 0.5 and both.kept_candidates == "sal"
