@@ -66,6 +66,17 @@ def _feed(detector: SelfSupervisedDetector, stream: Observations) -> None:
         detector.observe(stream.select(torch.arange(start, min(start + STREAM_BATCH, len(stream)))))
 
 
+def _adapted(data, config: DetectorConfig, fit: bool = False) -> SelfSupervisedDetector:
+    """A detector of `config` with the memory set and the whole stream observed (`fit`: gradient
+    statistics fitted on the known training images first)."""
+    detector = SelfSupervisedDetector(data["classifier"], config)
+    if fit:
+        detector.fit(data["train"], data["train_labels"])
+    detector.set_memory(data["memory"], data["memory_labels"])
+    _feed(detector, data["stream"])
+    return detector
+
+
 def _auroc(detector, data, protocol: str = "per_sample") -> float:
     known = detector.score_protocol(data["known_test"], protocol)
     novel = detector.score_protocol(data["novel_test"], protocol)
@@ -74,11 +85,7 @@ def _auroc(detector, data, protocol: str = "per_sample") -> float:
 
 @pytest.fixture(scope="module")
 def memory_pu(digits_stream):
-    detector = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(shrinkage="oas"))
-    detector.fit(digits_stream["train"], digits_stream["train_labels"])
-    detector.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
-    _feed(detector, digits_stream["stream"])
-    return detector
+    return _adapted(digits_stream, DetectorConfig(shrinkage="oas"), fit=True)
 
 
 def test_memory_pu_beats_the_static_detector_on_the_test_split(memory_pu, digits_stream, record_property):
@@ -269,10 +276,7 @@ def test_feature_head_learns_a_real_split_and_rejects_one_class_targets(digits_s
 
 @pytest.fixture(scope="module")
 def sal(digits_stream):
-    detector = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(ssl_mode="sal"))
-    detector.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
-    _feed(detector, digits_stream["stream"])
-    return detector
+    return _adapted(digits_stream, DetectorConfig(ssl_mode="sal"))
 
 
 def test_sal_gradient_rows_are_autograd_of_the_final_layer(digits_stream):
@@ -367,11 +371,7 @@ def _separation(detector: SelfSupervisedDetector) -> float:
 
 def test_peer_rounds_in_memory_pu_keep_whichever_separates_memory_from_stream_best(memory_pu, sal, woods,
                                                                                    digits_stream, record_property):
-    config = DetectorConfig(shrinkage="oas", pu_extra_rounds=("sal", "woods"))
-    both = SelfSupervisedDetector(digits_stream["classifier"], config)
-    both.fit(digits_stream["train"], digits_stream["train_labels"])
-    both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
-    _feed(both, digits_stream["stream"])
+    both = _adapted(digits_stream, DetectorConfig(shrinkage="oas", pu_extra_rounds=("sal", "woods")), fit=True)
     rivals = {"memory_pu": memory_pu, "sal": sal, "woods": woods}
     for name, rival in rivals.items():
         record_property(f"separation_{name}", _separation(rival))
@@ -402,9 +402,7 @@ def test_a_peer_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream,
 
     monkeypatch.setattr(SelfSupervisedDetector, "_rounds", uninformative)
     # One round is enough to lose to SAL's (and keeps the test short); SAL's round ignores pu_rounds.
-    both = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(pu_rounds=1, pu_extra_rounds=("sal",)))
-    both.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
-    _feed(both, digits_stream["stream"])
+    both = _adapted(digits_stream, DetectorConfig(pu_rounds=1, pu_extra_rounds=("sal",)))
     assert _separation(sal) > 0.5 and both.kept_candidates == "sal"
     assert torch.equal(both.score(digits_stream["novel_test"]), sal.score(digits_stream["novel_test"]))
     assert both.threshold == sal.threshold
@@ -415,10 +413,7 @@ def test_a_peer_round_is_kept_when_the_rounds_separate_worse(sal, digits_stream,
 
 @pytest.fixture(scope="module")
 def woods(digits_stream):
-    detector = SelfSupervisedDetector(digits_stream["classifier"], DetectorConfig(ssl_mode="woods"))
-    detector.set_memory(digits_stream["memory"], digits_stream["memory_labels"])
-    _feed(detector, digits_stream["stream"])
-    return detector
+    return _adapted(digits_stream, DetectorConfig(ssl_mode="woods"))
 
 
 def test_woods_mode_detects_the_held_out_digit_within_its_false_alarm_constraint(woods, digits_stream,
