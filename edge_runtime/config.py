@@ -339,10 +339,14 @@ class DetectorConfig:
     rotation: RotationConfig = _field(factory=RotationConfig)
 
     def __attrs_post_init__(self) -> None:
-        woods = self.ssl_mode == "woods" or (self.ssl_mode == "memory_pu" and "woods" in self.pu_extra_rounds)
-        if woods and self.pu_head.arch != "feature_head":
+        if "woods" in self.ssl_methods() and self.pu_head.arch != "feature_head":
             raise _Refusal(f"WOODS (ssl_mode 'woods' or pu_extra_rounds 'woods') trains its constrained objective on "
                            f"a feature_head; pu_head.arch is {self.pu_head.arch!r}")
+
+    def ssl_methods(self) -> frozenset[str]:
+        """The self-supervised methods grad_mahalanobis_ssl runs: its ssl_mode, and under memory_pu the peers
+        of pu_extra_rounds."""
+        return frozenset({self.ssl_mode, *(self.pu_extra_rounds if self.ssl_mode == "memory_pu" else ())})
 
 
 @_section

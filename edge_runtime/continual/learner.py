@@ -72,7 +72,7 @@ class RoundReport:
     separation_auroc: memory vs pool scores, out-of-fold wherever the head trained on them;
     pseudo_label_acc: agreement of the head's decisions with the pseudo-labels its own beliefs
     imply (memory = known; the pool's top `novel_share` = novel), NaN for heads without any.
-    candidates: what the kept heads learned as novel ("round k" of memory_pu, "sal"), "" for
+    candidates: what the kept heads learned as novel ("round k" of memory_pu, "sal", "woods"), "" for
     heads without cross-fitted rounds.
     """
 

@@ -116,9 +116,10 @@ class SelfSupervisedDetector(Detector):
         self.threshold: float | None = None
         self.novel_share: float | None = None  # memory_pu: estimated fraction of novel inputs in the pool
         self.kept_candidates: str | None = None  # cross-fitted modes: CrossFitRound.source of the kept heads
-        peers = {self.mode} | (set(config.pu_extra_rounds) if self.mode == "memory_pu" else set())
-        self.sal = SALFilter(classifier.num_classes) if "sal" in peers else None
-        self.woods_constraint = FalseAlarmConstraint(config.target_fpr, config.woods_penalty) if "woods" in peers else None
+        methods = config.ssl_methods()
+        self.sal = SALFilter(classifier.num_classes) if "sal" in methods else None
+        self.woods_constraint = (FalseAlarmConstraint(config.target_fpr, config.woods_penalty)
+                                 if "woods" in methods else None)
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "SelfSupervisedDetector":
         """Fit the gradient Mahalanobis statistics on known data with true labels."""
