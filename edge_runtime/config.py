@@ -294,12 +294,16 @@ class DetectorConfig:
     """Which novelty detector runs and how its IDD statistics are fitted."""
 
     name: Literal["grad_mahalanobis", "grad_mahalanobis_ssl", "msp", "max_logit", "energy", "feature_mahalanobis",
-                  "knn", "vae_gradient", "drocc", "drocc_lf", "rotation"] = "grad_mahalanobis"
+                  "knn", "react", "vim", "gradnorm", "vae_gradient", "drocc", "drocc_lf", "rotation"] = "grad_mahalanobis"
     site: Literal["last_linear", "penultimate", "last_conv"] = "last_linear"
     projection_dim: int = _field(4096, gt=0, description="random projection size for deep gradient sites")
     shrinkage: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
     ridge: float = _field(1e-3, ge=0.0)
     knn_k: int = _field(50, gt=0)
+    react_percentile: float = _field(90.0, gt=0.0, le=100.0, description="react: known activations' percentile "
+                                     "the penultimate units are clipped at (the authors' 90)")
+    vim_dim: int | None = _field(None, gt=0, description="vim: principal subspace dimensions (default: half the "
+                                 "feature width, the authors' rule for features narrower than 768)")
     chunk_size: int = _field(1024, gt=0, description="samples per gradient computation (bounds peak memory)")
     kernel: Literal["auto", "triton_fused", "cuda_fused", "closed_form"] = _field(
         "auto", description="site last_linear: scoring implementation (kernels.dispatch; auto = the best this device runs)")

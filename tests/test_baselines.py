@@ -12,9 +12,12 @@ from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.base import Detector, Observations
 from edge_runtime.detectors.energy import EnergyDetector
 from edge_runtime.detectors.feature_mahalanobis import FeatureMahalanobisDetector
+from edge_runtime.detectors.gradnorm import GradNormDetector
 from edge_runtime.detectors.knn import KNNDetector
 from edge_runtime.detectors.max_logit import MaxLogitDetector
 from edge_runtime.detectors.msp import MSPDetector
+from edge_runtime.detectors.react import ReActDetector
+from edge_runtime.detectors.vim import ViMDetector
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
 
@@ -43,6 +46,9 @@ DETECTORS = {
     "feature_mahalanobis": lambda classifier: FeatureMahalanobisDetector(classifier),
     "feature_mahalanobis_oas": lambda classifier: FeatureMahalanobisDetector(classifier, shrinkage="oas"),
     "knn": lambda classifier: KNNDetector(classifier, k=10),
+    "react": lambda classifier: ReActDetector(classifier),
+    "vim": lambda classifier: ViMDetector(classifier),
+    "gradnorm": lambda classifier: GradNormDetector(classifier),
 }
 
 
@@ -93,6 +99,54 @@ def test_feature_mahalanobis_scores_the_nearest_class_gaussian(digits_setup):
     torch.testing.assert_close(detector.score(known), per_class.min(dim=1).values, rtol=1e-4, atol=1e-4)
 
 
+def test_gradnorm_is_the_l1_norm_of_the_final_weights_kl_gradient(digits_setup):
+    """Against autograd, one sample at a time, on the official loss: cross-entropy to uniform targets."""
+    classifier, _train, _labels, known, novel = digits_setup
+    layer = classifier.final_linear
+    samples = Observations.concat([known.select(torch.arange(5)), novel.select(torch.arange(5))])
+    for temperature in (1.0, 2.5):
+        expected = []
+        for features in samples.features:
+            weight = layer.weight.detach().double().clone().requires_grad_()
+            logits = torch.nn.functional.linear(features.double(), weight, layer.bias.detach().double())
+            uniform = torch.full_like(logits, 1.0 / len(logits))
+            (-(uniform * (logits / temperature).log_softmax(dim=0)).sum()).backward()
+            expected.append(-weight.grad.abs().sum())
+        scores = GradNormDetector(classifier, temperature=temperature).score(samples)
+        torch.testing.assert_close(scores, torch.stack(expected).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_react_clips_at_the_known_percentile_then_takes_the_energy(digits_setup):
+    classifier, train, labels, known, novel = digits_setup
+    layer = classifier.final_linear
+    detector = ReActDetector(classifier, percentile=90).fit(train, labels)
+    assert detector.clip == pytest.approx(float(np.percentile(train.features.double().numpy(), 90)), rel=1e-6)
+    clipped = novel.features.double().clamp(max=detector.clip)
+    logits = clipped @ layer.weight.detach().double().T + layer.bias.detach().double()
+    torch.testing.assert_close(detector.score(novel), -torch.logsumexp(logits, dim=1).float(), rtol=1e-5, atol=1e-5)
+    # Clipped at the largest known activation, the known training samples keep their logits: plain energy.
+    unclipped = ReActDetector(classifier, percentile=100).fit(train, labels)
+    torch.testing.assert_close(unclipped.score(train), EnergyDetector(classifier).score(train), rtol=1e-5, atol=1e-4)
+
+
+def test_vim_matches_the_papers_formula_in_float64(digits_setup):
+    classifier, train, labels, known, novel = digits_setup
+    dim = 20
+    detector = ViMDetector(classifier, dim=dim).fit(train, labels)
+    weight = classifier.final_linear.weight.detach().double().numpy()
+    bias = classifier.final_linear.bias.detach().double().numpy()
+    origin = -np.linalg.pinv(weight) @ bias
+    centred = train.features.double().numpy() - origin
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / len(centred))
+    null_space = eigenvectors[:, np.argsort(-eigenvalues)[dim:]]
+    alpha = train.logits.double().numpy().max(axis=1).mean() / np.linalg.norm(centred @ null_space, axis=1).mean()
+    for batch in (known, novel):
+        virtual = alpha * np.linalg.norm((batch.features.double().numpy() - origin) @ null_space, axis=1)
+        energy = np.log(np.exp(batch.logits.double().numpy()).sum(axis=1))
+        torch.testing.assert_close(detector.score(batch), torch.from_numpy(virtual - energy).float(), rtol=1e-4, atol=1e-4)
+    assert ViMDetector(classifier).dim == classifier.feature_dim // 2
+
+
 def test_detectors_refuse_misuse(digits_setup):
     classifier, train, labels, known, _novel = digits_setup
     with pytest.raises(StateError, match="before fit"):
@@ -103,8 +157,22 @@ def test_detectors_refuse_misuse(digits_setup):
         KNNDetector(classifier, k=10).fit(train.select(torch.arange(5)), labels[:5])
     with pytest.raises(ConfigError, match="temperature"):
         EnergyDetector(classifier, temperature=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        GradNormDetector(classifier, temperature=-1.0)
+    with pytest.raises(ConfigError, match="percentile"):
+        ReActDetector(classifier, percentile=0.0)
+    with pytest.raises(ConfigError, match="principal dim"):
+        ViMDetector(classifier, dim=classifier.feature_dim)
+    for unfitted in (ReActDetector(classifier), ViMDetector(classifier)):
+        with pytest.raises(StateError, match="before fit"):
+            unfitted.score(known)
+    with pytest.raises(InputError, match="at least 2"):
+        ViMDetector(classifier).fit(train.select(torch.arange(1)), labels[:1])
     wrong = Observations(None, known.features[:, :3], known.logits)
     with pytest.raises(InputError, match="features must be"):
         KNNDetector(classifier, k=5).fit(train, labels).score(wrong)
     with pytest.raises(InputError, match="features must be"):
         FeatureMahalanobisDetector(classifier).fit(train, labels).score(wrong)
+    for detector in (ReActDetector(classifier), ViMDetector(classifier), GradNormDetector(classifier)):
+        with pytest.raises(InputError, match="features must be"):
+            detector.fit(train, labels).score(wrong)

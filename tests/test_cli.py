@@ -55,7 +55,8 @@ def test_evaluate_reports_both_protocols_per_sample_first(trained, tmp_path, cap
     printed = capsys.readouterr().out
     assert printed.index("protocol per_sample") < printed.index("protocol homogeneous_batches")
     metrics = _result(out)["metrics"]
-    for detector in ("msp", "max_logit", "energy", "feature_mahalanobis", "knn", "grad_mahalanobis"):
+    for detector in ("msp", "max_logit", "energy", "feature_mahalanobis", "knn", "react", "vim", "gradnorm",
+                     "grad_mahalanobis"):
         for protocol in ("per_sample", "homogeneous_batches"):
             for family in ("auroc", "aupr_in", "aupr_out", "fpr95"):
                 assert 0.0 <= metrics[f"{family}/{protocol}/{detector}/digits-9_vs_9"] <= 1.0

@@ -29,7 +29,7 @@ from edge_runtime.metrics import ood_metrics
 from edge_runtime.models.base import FrozenClassifier
 
 ADAPTIVE_DETECTOR = "grad_mahalanobis_ssl"
-FEATURE_ONLY_DETECTORS = ("msp", "max_logit", "energy", "feature_mahalanobis", "knn")
+FEATURE_ONLY_DETECTORS = ("msp", "max_logit", "energy", "feature_mahalanobis", "knn", "react", "vim", "gradnorm")
 THRESHOLD_FOLDS = 5  # static heads: cross-fitting folds of the memory behind the threshold
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_runtime.errors import InputError
 from edge_runtime.models.base import FrozenClassifier
 
 PROTOCOLS = ("per_sample", "homogeneous_batches")
@@ -40,6 +41,13 @@ class Observations:
         images = None if any(p.images is None for p in parts) else torch.cat([p.images for p in parts])
         stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
         return Observations(images, torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]), stats)
+
+
+def checked_features(batch: Observations, dim: int) -> torch.Tensor:
+    """`batch.features`, refused with a message naming the shape unless it is [B, dim]."""
+    if batch.features.ndim != 2 or batch.features.shape[1] != dim:
+        raise InputError(f"features must be [B, {dim}], got {tuple(batch.features.shape)}")
+    return batch.features
 
 
 class Detector(ABC):

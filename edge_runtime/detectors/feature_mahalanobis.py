@@ -6,8 +6,8 @@ import torch
 
 from calibration.gaussian import TiedGaussian, fit_tied_gaussian
 from calibration.moments import ClassMoments
-from edge_runtime.detectors.base import Detector, Observations
-from edge_runtime.errors import InputError, StateError
+from edge_runtime.detectors.base import Detector, Observations, checked_features
+from edge_runtime.errors import StateError
 from edge_runtime.models.base import FrozenClassifier
 
 
@@ -23,7 +23,7 @@ class FeatureMahalanobisDetector(Detector):
         self.gaussian: TiedGaussian | None = None
 
     def fit(self, known: Observations, labels: torch.Tensor) -> "FeatureMahalanobisDetector":
-        features = _checked_features(known, self.classifier.feature_dim)
+        features = checked_features(known, self.classifier.feature_dim)
         moments = ClassMoments(
             self.classifier.num_classes, features.shape[1], features.device,
             fourth_moments=self.shrinkage == "ledoit_wolf",
@@ -35,11 +35,6 @@ class FeatureMahalanobisDetector(Detector):
     def score(self, batch: Observations) -> torch.Tensor:
         if self.gaussian is None:
             raise StateError("feature_mahalanobis: score() called before fit()")
-        distances, _closest = self.gaussian.min_score(_checked_features(batch, self.gaussian.dim))
+        distances, _closest = self.gaussian.min_score(checked_features(batch, self.gaussian.dim))
         return distances
 
-
-def _checked_features(batch: Observations, dim: int) -> torch.Tensor:
-    if batch.features.ndim != 2 or batch.features.shape[1] != dim:
-        raise InputError(f"features must be [B, {dim}], got {tuple(batch.features.shape)}")
-    return batch.features

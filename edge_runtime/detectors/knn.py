@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.detectors.base import Detector, Observations
-from edge_runtime.errors import ConfigError, InputError, StateError
+from edge_runtime.detectors.base import Detector, Observations, checked_features
+from edge_runtime.errors import ConfigError, StateError
 from edge_runtime.models.base import FrozenClassifier
 
 
@@ -31,13 +31,13 @@ class KNNDetector(Detector):
         """Keep the normalised known features; labels are not used by this detector."""
         if len(known) < self.k:
             raise ConfigError(f"knn k={self.k} exceeds the {len(known)} known samples it was fitted on")
-        self.bank = _normalised(known.features, self.classifier.feature_dim)
+        self.bank = _normalised(known, self.classifier.feature_dim)
         return self
 
     def score(self, batch: Observations) -> torch.Tensor:
         if self.bank is None:
             raise StateError("knn: score() called before fit()")
-        queries = _normalised(batch.features, self.bank.shape[1]).to(self.bank.device)
+        queries = _normalised(batch, self.bank.shape[1]).to(self.bank.device)
         kth = [
             torch.cdist(chunk, self.bank).topk(self.k, dim=1, largest=False).values[:, -1]
             for chunk in queries.split(self.chunk_size)
@@ -45,7 +45,5 @@ class KNNDetector(Detector):
         return torch.cat(kth) if kth else queries.new_zeros(0)
 
 
-def _normalised(features: torch.Tensor, dim: int) -> torch.Tensor:
-    if features.ndim != 2 or features.shape[1] != dim:
-        raise InputError(f"features must be [B, {dim}], got {tuple(features.shape)}")
-    return F.normalize(features.float(), dim=1)
+def _normalised(batch: Observations, dim: int) -> torch.Tensor:
+    return F.normalize(checked_features(batch, dim).float(), dim=1)

@@ -11,10 +11,13 @@ from edge_runtime.detectors.base import Detector
 from edge_runtime.detectors.energy import EnergyDetector
 from edge_runtime.detectors.feature_mahalanobis import FeatureMahalanobisDetector
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis
+from edge_runtime.detectors.gradnorm import GradNormDetector
 from edge_runtime.detectors.knn import KNNDetector
 from edge_runtime.detectors.max_logit import MaxLogitDetector
 from edge_runtime.detectors.msp import MSPDetector
 from edge_runtime.detectors.pixel_registry import PIXEL_DETECTORS, build_pixel_detector
+from edge_runtime.detectors.react import ReActDetector
+from edge_runtime.detectors.vim import ViMDetector
 from edge_runtime.models.base import FrozenClassifier
 
 Builder = Callable[[FrozenClassifier, DetectorConfig, int], Detector]
@@ -27,6 +30,9 @@ STATIC_DETECTORS: dict[str, Builder] = {
     "energy": lambda clf, cfg, seed: EnergyDetector(clf),
     "feature_mahalanobis": lambda clf, cfg, seed: FeatureMahalanobisDetector(clf, shrinkage=cfg.shrinkage, ridge=cfg.ridge),
     "knn": lambda clf, cfg, seed: KNNDetector(clf, k=cfg.knn_k),
+    "react": lambda clf, cfg, seed: ReActDetector(clf, percentile=cfg.react_percentile),
+    "vim": lambda clf, cfg, seed: ViMDetector(clf, dim=cfg.vim_dim),
+    "gradnorm": lambda clf, cfg, seed: GradNormDetector(clf),
     "grad_mahalanobis": lambda clf, cfg, seed: GradientMahalanobis(clf, cfg, seed),
 }
 
