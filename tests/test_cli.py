@@ -157,6 +157,23 @@ def test_evaluate_runs_only_the_self_supervised_modes_asked_for(trained, tmp_pat
     assert "grad_mahalanobis_ssl_paper" not in detectors
 
 
+def test_react_percentile_selection_reads_the_clipping_cost_on_held_back_images(trained, tmp_path, check_results):
+    spec = importlib.util.spec_from_file_location("react_percentile_selection",
+                                                  ROOT / "benchmarks/react_percentile_selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "react"
+    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                       "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
+    metrics = _result(out)["metrics"]
+    shares = [metrics[f"clipped_share/p{p}/digits-9"] for p in ("90", "95", "99", "99_9", "100")]
+    # The clip is a percentile of the training features: about that share of held-back values lies above it.
+    assert shares[0] == pytest.approx(0.10, abs=0.05) and shares[-1] <= 0.01 and shares == sorted(shares, reverse=True)
+    # Clipping at the largest training activation hardly changes a prediction.
+    assert metrics["calibration_acc/p100/digits-9"] == pytest.approx(metrics["calibration_acc/unclipped/digits-9"], abs=0.01)
+    check_results(out)
+
+
 def test_layer_stats_selection_reports_the_label_free_criterion_per_layer_set(trained, tmp_path, check_results):
     spec = importlib.util.spec_from_file_location("layer_stats_selection", ROOT / "benchmarks/layer_stats_selection.py")
     bench = importlib.util.module_from_spec(spec)

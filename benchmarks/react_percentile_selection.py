@@ -1,0 +1,78 @@
+"""What ReAct's clipping costs the frozen classifier, per percentile, on held-back training images.
+
+ReAct (edge_runtime/detectors/react.py) assumes clipping the penultimate units at a high percentile
+of the known activations leaves known inputs' predictions almost unchanged; the authors' 90 was set
+on ResNets whose features are average-pooled. Whether that holds for another backbone can be read
+without a novel image: clip at each percentile of the known training features, as `fit` does, and
+measure the classifier's accuracy with the clipped logits on the calibration split (known-class
+training images held back from training). `clipped_share` is the fraction of those images' feature
+values above the clip. The test split is not read.
+
+    python benchmarks/react_percentile_selection.py --config configs/cifar10-fastnet.yaml --set model.width=16 \\
+        --classifier DIR/classifier.safetensors --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path; keep package imports unambiguous.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
+from edge_runtime.config import config_to_dict  # noqa: E402
+from edge_runtime.detectors.react import ReActDetector  # noqa: E402
+from edge_runtime.device import resolve_device  # noqa: E402
+from edge_runtime.errors import DataError  # noqa: E402
+from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
+
+PERCENTILES = (90.0, 95.0, 99.0, 99.9, 100.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    add_classifier_argument(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    device = resolve_device(cfg.device)
+    out = output_dir(args.out)
+    split = prepare_data(cfg, args.progress).split
+    if len(split.calibration) == 0:
+        raise DataError("the calibration split is empty; set data.calibration_holdout > 0 to have images to decide on")
+    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
+    tag = dataset_tag(cfg, split)
+    known = embed(classifier, split.train, device, keep_images=False)
+    held_back = embed(classifier, split.calibration, device, keep_images=False)
+    labels = torch.from_numpy(split.calibration.labels)
+    layer = classifier.final_linear
+    weight = layer.weight.detach().float().cpu()
+    bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+    unclipped = float((held_back.logits.argmax(1).cpu() == labels).double().mean())
+    metrics = {metric_key("calibration_acc", "unclipped", tag): unclipped}
+    rows = [["unclipped", "-", "0.000", f"{unclipped:.4f}"]]
+    for percentile in PERCENTILES:
+        clip = ReActDetector(classifier, percentile=percentile).fit(known, torch.from_numpy(split.train.labels)).clip
+        features = held_back.features.float().cpu()
+        logits = torch.nn.functional.linear(features.clamp(max=clip), weight, bias)
+        accuracy = float((logits.argmax(1) == labels).double().mean())
+        share = float((features > clip).double().mean())
+        reading = f"p{percentile:g}".replace(".", "_")
+        metrics[metric_key("calibration_acc", reading, tag)] = accuracy
+        metrics[metric_key("clipped_share", reading, tag)] = share
+        rows.append([f"{percentile:g}", f"{clip:.4g}", f"{share:.3f}", f"{accuracy:.4f}"])
+    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/react_percentile_selection.py "
+                 + " ".join(sys.argv[1:] if argv is None else argv))
+    print(format_table(rows, ["percentile", "clip", "clipped share",
+                              f"accuracy on {len(split.calibration)} held-back known training images"]))
+    print(f"results in {out / 'result.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
