@@ -168,6 +168,8 @@ def test_detectors_refuse_misuse(digits_setup):
             unfitted.score(known)
     with pytest.raises(InputError, match="at least 2"):
         ViMDetector(classifier).fit(train.select(torch.arange(1)), labels[:1])
+    with pytest.raises(InputError, match="at least one"):
+        ReActDetector(classifier).fit(train.select(torch.arange(0)), labels[:0])
     wrong = Observations(None, known.features[:, :3], known.logits)
     with pytest.raises(InputError, match="features must be"):
         KNNDetector(classifier, k=5).fit(train, labels).score(wrong)
