@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from classifier_fixture import known_digits, train_digit_classifier
+from edge_runtime.config import DetectorConfig
 from edge_runtime.data.digits import load_digits_split
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.base import Detector, Observations
@@ -17,6 +18,7 @@ from edge_runtime.detectors.knn import KNNDetector
 from edge_runtime.detectors.max_logit import MaxLogitDetector
 from edge_runtime.detectors.msp import MSPDetector
 from edge_runtime.detectors.react import ReActDetector
+from edge_runtime.detectors.registry import build_static_detector
 from edge_runtime.detectors.vim import ViMDetector
 from edge_runtime.errors import ConfigError, InputError, StateError
 from edge_runtime.metrics import ood_metrics
@@ -178,3 +180,11 @@ def test_detectors_refuse_misuse(digits_setup):
     for detector in (ReActDetector(classifier), ViMDetector(classifier), GradNormDetector(classifier)):
         with pytest.raises(InputError, match="features must be"):
             detector.fit(train, labels).score(wrong)
+
+
+def test_registry_passes_the_config_to_the_activation_baselines(digits_setup):
+    classifier = digits_setup[0]
+    config = DetectorConfig(react_percentile=99.0, vim_dim=7)
+    assert build_static_detector("react", classifier, config).percentile == 99.0
+    assert build_static_detector("vim", classifier, config).dim == 7
+    assert isinstance(build_static_detector("gradnorm", classifier, config), GradNormDetector)
