@@ -20,8 +20,8 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
-from edge_runtime.errors import DataError  # noqa: E402
-from edge_runtime.experiment import dataset_tag, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.experiment import (  # noqa: E402
+    dataset_tag, held_back_known_set, obtain_classifier, output_dir, prepare_data)
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 from edge_runtime.training.trainer import evaluate_accuracy  # noqa: E402
 
@@ -37,19 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     out = output_dir(args.out)
     split = prepare_data(cfg, args.progress).split
-    if len(split.calibration) == 0:
-        raise DataError("the calibration split is empty; set data.calibration_holdout > 0 to have images to decide on")
+    calibration = held_back_known_set(split)
     classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
     tag = dataset_tag(cfg, split)
     metrics, rows = {}, []
     for reading, mirrored in READINGS.items():
         classifier.mirror_average = mirrored
-        accuracy = evaluate_accuracy(classifier, split.calibration, device)
+        accuracy = evaluate_accuracy(classifier, calibration, device)
         metrics[metric_key("calibration_acc", reading, tag)] = accuracy
         rows.append([reading, accuracy])
     write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/mirror_selection.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
-    print(format_table(rows, ["reading", f"accuracy on {len(split.calibration)} held-back known training images"]))
+    print(format_table(rows, ["reading", f"accuracy on {len(calibration)} held-back known training images"]))
     print(f"results in {out / 'result.json'}")
     return 0
 

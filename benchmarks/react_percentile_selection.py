@@ -27,8 +27,8 @@ from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, 
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.detectors.react import ReActDetector  # noqa: E402
 from edge_runtime.device import resolve_device  # noqa: E402
-from edge_runtime.errors import DataError  # noqa: E402
-from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.experiment import (  # noqa: E402
+    dataset_tag, embed, held_back_known_set, obtain_classifier, output_dir, prepare_data)
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 
 PERCENTILES = (90.0, 95.0, 99.0, 99.9, 100.0)
@@ -43,25 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     out = output_dir(args.out)
     split = prepare_data(cfg, args.progress).split
-    if len(split.calibration) == 0:
-        raise DataError("the calibration split is empty; set data.calibration_holdout > 0 to have images to decide on")
+    calibration = held_back_known_set(split)
     classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
     tag = dataset_tag(cfg, split)
     known = embed(classifier, split.train, device, keep_images=False)
-    held_back = embed(classifier, split.calibration, device, keep_images=False)
-    labels = torch.from_numpy(split.calibration.labels)
-    layer = classifier.final_linear
-    weight = layer.weight.detach().float().cpu()
-    bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+    held_back = embed(classifier, calibration, device, keep_images=False)
+    labels = torch.from_numpy(calibration.labels)
     unclipped = float((held_back.logits.argmax(1).cpu() == labels).double().mean())
     metrics = {metric_key("calibration_acc", "unclipped", tag): unclipped}
     rows = [["unclipped", "-", "0.000", f"{unclipped:.4f}"]]
     for percentile in PERCENTILES:
-        clip = ReActDetector(classifier, percentile=percentile).fit(known, torch.from_numpy(split.train.labels)).clip
-        features = held_back.features.float().cpu()
-        logits = torch.nn.functional.linear(features.clamp(max=clip), weight, bias)
-        accuracy = float((logits.argmax(1) == labels).double().mean())
-        share = float((features > clip).double().mean())
+        react = ReActDetector(classifier, percentile=percentile).fit(known, torch.from_numpy(split.train.labels))
+        clip = react.clip
+        accuracy = float((react.clipped_logits(held_back).argmax(1).cpu() == labels).double().mean())
+        share = float((held_back.features.float() > clip).double().mean())
         reading = f"p{percentile:g}".replace(".", "_")
         metrics[metric_key("calibration_acc", reading, tag)] = accuracy
         metrics[metric_key("clipped_share", reading, tag)] = share
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/react_percentile_selection.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["percentile", "clip", "clipped share",
-                              f"accuracy on {len(split.calibration)} held-back known training images"]))
+                              f"accuracy on {len(calibration)} held-back known training images"]))
     print(f"results in {out / 'result.json'}")
     return 0
 

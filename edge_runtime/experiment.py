@@ -18,7 +18,7 @@ from edge_runtime.data.loader import load_split
 from edge_runtime.data.splits import NovelClassSplit, split_novel_class
 from edge_runtime.data.transforms import conform, to_tensor
 from edge_runtime.detectors.base import Observations
-from edge_runtime.errors import StateError
+from edge_runtime.errors import DataError, StateError
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.persistence import load_classifier, save_classifier
 from edge_runtime.models.registry import build_classifier
@@ -98,6 +98,14 @@ def output_dir(path: str | Path) -> Path:
 def known_test_set(split: NovelClassSplit) -> ImageSet:
     """The test images of the known classes only (what IDD accuracy is measured on)."""
     return split.test.subset(split.test.labels < len(split.known_classes), name=f"{split.test.name}-known")
+
+
+def held_back_known_set(split: NovelClassSplit) -> ImageSet:
+    """The calibration split (known training images held back from training): what a choice made
+    without the test split is read on. Refused when empty."""
+    if len(split.calibration) == 0:
+        raise DataError("the calibration split is empty; set data.calibration_holdout > 0 to have images to decide on")
+    return split.calibration
 
 
 def train_frozen_classifier(cfg: RunConfig, split: NovelClassSplit, device: torch.device, out_dir: Path,

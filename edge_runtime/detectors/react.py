@@ -36,12 +36,13 @@ class ReActDetector(Detector):
         self.clip = float(np.percentile(features.cpu().double().numpy(), self.percentile))
         return self
 
-    def score(self, batch: Observations) -> torch.Tensor:
+    def clipped_logits(self, batch: Observations) -> torch.Tensor:
+        """The logits [B, C] the final layer gives the clipped features."""
         if self.clip is None:
             raise StateError("react: score() called before fit()")
-        layer = self.classifier.final_linear
-        features = checked_features(batch, layer.in_features).float().clamp(max=self.clip)
-        bias = None if layer.bias is None else layer.bias.detach().float().to(features.device)
-        logits = torch.nn.functional.linear(features, layer.weight.detach().float().to(features.device), bias)
-        return -torch.logsumexp(logits, dim=1)
+        features = checked_features(batch, self.classifier.feature_dim).float().clamp(max=self.clip)
+        weight, bias = self.classifier.final_affine(torch.float32, features.device)
+        return torch.nn.functional.linear(features, weight, bias)
 
+    def score(self, batch: Observations) -> torch.Tensor:
+        return -torch.logsumexp(self.clipped_logits(batch), dim=1)

@@ -40,10 +40,7 @@ class ViMDetector(Detector):
         features = checked_features(known, self.classifier.feature_dim).double()
         if len(features) < 2:
             raise InputError(f"vim: fit() needs at least 2 known samples, got {len(features)}")
-        layer = self.classifier.final_linear
-        weight = layer.weight.detach().double().to(features.device)
-        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=features.device) if layer.bias is None \
-            else layer.bias.detach().double().to(features.device)
+        weight, bias = self.classifier.final_affine(torch.float64, features.device)
         origin = -torch.linalg.pinv(weight) @ bias
         centred = features - origin
         _eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending
@@ -63,4 +60,3 @@ class ViMDetector(Detector):
         features = checked_features(batch, len(self.origin)).float()
         residual = ((features - self.origin.to(features.device)) @ self.residual_basis.to(features.device)).norm(dim=1)
         return self.alpha * residual - torch.logsumexp(batch.logits.float(), dim=1)
-

@@ -49,6 +49,15 @@ class FrozenClassifier(nn.Module):
         """The final layer, looked up rather than stored so the state dict names each weight once."""
         return self.network.get_submodule(self.final_layer_name)
 
+    def final_affine(self, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final layer's weight [C, D] and bias [C] (zeros where it has none), detached, for
+        detectors that recompute or invert the logits from the features."""
+        layer = self.final_linear
+        weight = layer.weight.detach().to(device, dtype)
+        bias = torch.zeros(len(weight), dtype=dtype, device=device) if layer.bias is None \
+            else layer.bias.detach().to(device, dtype)
+        return weight, bias
+
     @property
     def num_classes(self) -> int:
         return self.final_linear.out_features
