@@ -1,6 +1,5 @@
 """The console script end to end on the embedded digits set: train, evaluate, demo, and bad input."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_script import load_benchmark
 from edge_runtime.cli.main import SUBCOMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +106,7 @@ def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
 
 
 def test_pu_ceiling_puts_the_label_free_heads_beside_heads_trained_on_the_stream_labels(trained, tmp_path, check_results):
-    spec = importlib.util.spec_from_file_location("pu_ceiling", ROOT / "benchmarks/pu_ceiling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("pu_ceiling")
     out = tmp_path / "ceiling"
     assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
                        "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
@@ -158,10 +156,7 @@ def test_evaluate_runs_only_the_self_supervised_modes_asked_for(trained, tmp_pat
 
 
 def test_react_percentile_selection_reads_the_clipping_cost_on_held_back_images(trained, tmp_path, check_results):
-    spec = importlib.util.spec_from_file_location("react_percentile_selection",
-                                                  ROOT / "benchmarks/react_percentile_selection.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("react_percentile_selection")
     out = tmp_path / "react"
     assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
                        "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
@@ -175,9 +170,7 @@ def test_react_percentile_selection_reads_the_clipping_cost_on_held_back_images(
 
 
 def test_layer_stats_selection_reports_the_label_free_criterion_per_layer_set(trained, tmp_path, check_results):
-    spec = importlib.util.spec_from_file_location("layer_stats_selection", ROOT / "benchmarks/layer_stats_selection.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("layer_stats_selection")
     assert bench.parse_candidates("none, stage1+stage2") == {"none": (), "stage1+stage2": ("stage1", "stage2")}
     out = tmp_path / "selection"
     assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), "--candidates",

@@ -3,13 +3,13 @@ committed one-class and synthetic result files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmark_script import load_benchmark
 from edge_runtime.data.catalog import CATALOG
 from edge_runtime.data.loader import load_split
 from edge_runtime.errors import ConfigError, DataError
@@ -21,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 OURS = {"vae_gradient_mahalanobis", "vae_gradient_factors_mahalanobis"}  # the two forms of our head
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def test_first_per_class_keeps_the_first_images_of_each_label(mnist_test):
 
 
 def test_benchmark_script_end_to_end_on_tiny_mnist(tmp_path, check_results):
-    bench = _load_script("one_class")
+    bench = load_benchmark("one_class")
     out = tmp_path / "run"
     code = bench.main(["--dataset", "mnist", "--out", str(out), "--classes", "0,1", "--limit-train", "40",
                        "--limit-eval", "15", "--methods", "vae_gradient,vae_gradient_mahalanobis,drocc,rotation",
@@ -104,7 +97,7 @@ def test_benchmark_script_end_to_end_on_tiny_mnist(tmp_path, check_results):
 
 
 def test_benchmark_script_averages_auroc_over_folds(tmp_path, check_results):
-    bench = _load_script("one_class")
+    bench = load_benchmark("one_class")
     out = tmp_path / "folds"
     assert bench.main(["--dataset", "mnist", "--folds", "2", "--out", str(out), "--classes", "3", "--limit-train", "30",
                        "--limit-eval", "10", "--methods", "vae_gradient_mahalanobis,vae_gradient_factors_mahalanobis",
@@ -119,7 +112,7 @@ def test_benchmark_script_averages_auroc_over_folds(tmp_path, check_results):
 
 
 def test_sweep_runs_each_value_and_names_it_in_the_metric(tmp_path, check_results):
-    bench = _load_script("one_class")
+    bench = load_benchmark("one_class")
     out = tmp_path / "sweep"
     assert bench.main(["--dataset", "mnist", "--validation", "--out", str(out), "--classes", "1", "--limit-train", "30",
                        "--limit-eval", "10", "--methods", "drocc", "--set", "drocc.epochs=3",
@@ -139,7 +132,7 @@ def test_sweep_runs_each_value_and_names_it_in_the_metric(tmp_path, check_result
 
 
 def test_table_puts_published_numbers_beside_ours():
-    bench = _load_script("one_class")
+    bench = load_benchmark("one_class")
     classes = ["airplane", "automobile"]
     metrics = {f"auroc/one_class/drocc/cifar10/{c}": 0.5 for c in [*classes, "mean"]}
     table = bench.one_class_table(metrics, "cifar10", classes, ("drocc",))
@@ -221,7 +214,7 @@ def test_validation_split_never_touches_the_evaluation_images():
 
 
 def test_novel_condition_benchmark_end_to_end_on_digits(tmp_path, check_results):
-    bench = _load_script("novel_condition")
+    bench = load_benchmark("novel_condition")
     out = tmp_path / "conditions"
     assert bench.main(["--dataset", "digits", "--out", str(out), "--limit-train", "40", "--limit-eval", "10",
                        "--vae-epochs", "5", "--no-progress"]) == 0
