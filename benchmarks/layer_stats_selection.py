@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = ood_targets(data.split, data.ood_sets, cfg.seed)
     bar = tqdm(total=len(targets) * len(candidates), desc="layer sets", disable=not args.progress)
     for target in targets:
-        memory, stream = whole_stream(cfg, data.split, target.stream_pool)
+        memory, stream = whole_stream(cfg, data.split, target.stream_pool, classifier, device)
         for name, layers in candidates.items():
             values = separation(cfg, classifier, memory, stream, layers, device)
             candidate = name.replace("+", "-and-")

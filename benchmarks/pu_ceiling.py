@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics, rows = {}, []
     targets = ood_targets(split, data.ood_sets, cfg.seed)
     for target in tqdm(targets, desc="targets", disable=not args.progress):
-        memory, stream = whole_stream(cfg, split, target.stream_pool)
+        memory, stream = whole_stream(cfg, split, target.stream_pool, classifier, device)
         stream_obs = embedded(stream)
         novel = torch.from_numpy(stream.labels == len(split.known_classes))
         detectors = {name: SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, args.progress)

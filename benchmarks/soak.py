@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     split = prepare_data(cfg, progress=args.progress).split
     classifier, _ = train_frozen_classifier(cfg, split, device, out, progress=args.progress)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, device)
     images = np.concatenate([batch.images for batch in stream])
     session = Session(cfg, classifier, split.known_classes, memory, cfg.data.novel_class or "novel", device=device)
 

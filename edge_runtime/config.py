@@ -358,7 +358,8 @@ class MemoryConfig:
     """Rehearsal memory of known-IDD samples under a hard budget."""
 
     budget: int = _field(500, gt=0)
-    policy: Literal["reservoir", "class_balanced"] = "class_balanced"
+    policy: Literal["reservoir", "class_balanced", "herding"] = _field(
+        "class_balanced", description="herding: class-balanced shares chosen by herding on the classifier's features")
 
 
 @_section

@@ -20,7 +20,7 @@ from calibration.threshold import threshold_at_fpr
 
 from edge_runtime.config import DetectorConfig, RunConfig, evolve_config
 from edge_runtime.continual.learner import RoundReport
-from edge_runtime.continual.memory import RehearsalMemory
+from edge_runtime.continual.memory import FEATURE_POLICIES, RehearsalMemory
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.splits import NovelClassSplit, build_stream
 from edge_runtime.detectors.base import PROTOCOLS, Detector, Observations
@@ -63,21 +63,29 @@ def ood_targets(split: NovelClassSplit, ood_sets: dict[str, ImageSet], seed: int
     return targets
 
 
-def fill_memory(held_back: ImageSet, budget: int, policy: str, n_known: int, seed: int) -> tuple[ImageSet, ImageSet]:
+def fill_memory(held_back: ImageSet, budget: int, policy: str, n_known: int, seed: int,
+                classifier: FrozenClassifier, device: torch.device) -> tuple[ImageSet, ImageSet]:
     """(rehearsal memory, known images for the stream), both from images the classifier never trained on.
 
     After deployment every input is new to the frozen classifier, so the benchmark draws the memory
     and the stream's known part from the held-back slice: thresholds calibrated on the memory then
     carry over to unseen test images. The memory policy chooses among a shuffled prefix of up to
-    twice its budget; the stream's known part comes from the rest, so it never repeats a memory sample.
+    twice its budget (a policy that selects by features sees the classifier's); the stream's known
+    part comes from the rest, so it never repeats a memory sample.
     """
     if len(held_back) < budget + n_known:
         raise ConfigError(f"data.calibration_holdout gives {len(held_back)} held-back known images, but the memory "
                           f"budget ({budget}) plus the stream's known samples ({n_known}) need {budget + n_known}")
     order = np.random.default_rng(seed).permutation(len(held_back))
-    offered = order[: min(len(order) - n_known, 2 * budget)]
-    memory = RehearsalMemory(budget, policy, held_back.images.shape[1:], seed)
-    memory.add(held_back.images[offered], held_back.labels[offered])
+    offered = held_back.subset(order[: min(len(order) - n_known, 2 * budget)])
+    if policy in FEATURE_POLICIES:
+        seen = embed(classifier, offered, device, keep_images=False)
+        memory = RehearsalMemory(budget, policy, offered.images.shape[1:], seed,
+                                 (classifier.feature_dim, classifier.num_classes))
+        memory.add(offered.images, offered.labels, seen.features.numpy(), seen.logits.numpy())
+    else:
+        memory = RehearsalMemory(budget, policy, offered.images.shape[1:], seed)
+        memory.add(offered.images, offered.labels)
     return memory.contents(held_back.classes), held_back.subset(np.sort(order[len(offered):]), name="known-pool")
 
 
@@ -142,7 +150,7 @@ def adapt_self_supervised(cfg: RunConfig, classifier: FrozenClassifier, split: N
     held-back known images that were never offered to the memory; its labels never reach the detector.
     """
     detector = SelfSupervisedDetector(classifier, cfg.detector, cfg.seed, progress=False).fit(known_fit, labels)
-    memory, stream = adaptation_data(cfg, split, target.stream_pool)
+    memory, stream = adaptation_data(cfg, split, target.stream_pool, classifier, device)
     detector.set_memory(embed_as_kept(cfg.detector, classifier, memory, device),
                         torch.from_numpy(memory.labels))
     for batch in tqdm(stream, desc=f"adapt {cfg.detector.ssl_mode} vs {target.name}", unit="batch", disable=not progress):
@@ -158,7 +166,8 @@ def embed_as_kept(config: DetectorConfig, classifier: FrozenClassifier, data: Im
                  stat_layers=trained_head_config(config).layer_stats)
 
 
-def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, list[ImageSet]]:
+def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet, classifier: FrozenClassifier,
+                    device: torch.device) -> tuple[ImageSet, list[ImageSet]]:
     """(rehearsal memory, unlabeled stream batches) of the 9+1 protocol (DESIGN.md, 'Benchmark protocol').
 
     The stream holds `stream.novel_samples` images of `novel_pool` (at most what it has) and
@@ -166,16 +175,18 @@ def adaptation_data(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet
     offered to the memory; its labels ride along for evaluation only.
     """
     n_known = cfg.stream.known_samples if cfg.stream.known_samples is not None else cfg.memory.budget
-    memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed)
+    memory, known_pool = fill_memory(split.calibration, cfg.memory.budget, cfg.memory.policy, n_known, cfg.seed,
+                                     classifier, device)
     n_novel = min(cfg.stream.novel_samples, len(novel_pool))
     return memory, build_stream(known_pool, novel_pool, n_known, n_novel, cfg.stream.batch_size, cfg.seed)
 
 
-def whole_stream(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet) -> tuple[ImageSet, ImageSet]:
+def whole_stream(cfg: RunConfig, split: NovelClassSplit, novel_pool: ImageSet, classifier: FrozenClassifier,
+                 device: torch.device) -> tuple[ImageSet, ImageSet]:
     """(rehearsal memory, the stream as one image set) exactly as `adaptation_data` builds them, for studies
     that adapt on the whole stream at once: every memory_pu fit starts afresh from memory and pool, so
     while the stream fits in `detector.pool_size` the final state is the one batch-wise observing reaches."""
-    memory, batches = adaptation_data(cfg, split, novel_pool)
+    memory, batches = adaptation_data(cfg, split, novel_pool, classifier, device)
     stream = ImageSet(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]),
                       batches[0].classes, f"{novel_pool.name}-stream")
     return memory, stream

@@ -288,7 +288,7 @@ def adapted_session_file(tmp_path_factory):
     split = prepare_data(cfg, progress=False).split
     classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path_factory.mktemp("cls"),
                                             progress=False)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, torch.device("cpu"))
     session = Session(cfg, classifier, split.known_classes, memory, "9", device="cpu")
     adapt_session(session, stream, progress=False)
     path = tmp_path_factory.mktemp("session") / "adapted.state"

@@ -42,7 +42,7 @@ def digits(tmp_path_factory):
     split = prepare_data(cfg, progress=False).split
     out = tmp_path_factory.mktemp("classifier")
     classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), out, progress=False)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, torch.device("cpu"))
     return {"cfg": cfg, "split": split, "classifier": classifier, "classifier_path": out / CLASSIFIER_FILE,
             "memory": memory, "stream": stream}
 
@@ -323,7 +323,7 @@ def test_rotation_head_on_digits_it_can_rotate_flags_the_tenth_digit_and_reloads
                           "detector.rotation.epochs": 15, "detector.rotation.flip": False})
     split = prepare_data(cfg, progress=False).split
     classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path, progress=False)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, torch.device("cpu"))
     session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device="cpu")
     assert session.keep_pixels and session.memory.images.shape[1:3] == (16, 16)
     adapt_session(session, stream, progress=False)
@@ -349,7 +349,7 @@ def test_session_learns_a_novel_condition_as_the_tenth_type(name, extra, record_
                          {**SETTINGS, "detector.name": name, **extra, "data.novel_condition": {"kind": "haze", "level": 3}})
     split = prepare_data(cfg, progress=False).split
     classifier, _ = train_frozen_classifier(cfg, split, torch.device("cpu"), tmp_path, progress=False)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, torch.device("cpu"))
     session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device="cpu")
     adapt_session(session, stream, progress=False)
     test = embed(classifier, split.test, torch.device("cpu"), keep_images=session.keep_pixels)
@@ -415,4 +415,26 @@ def test_paper_mode_keeps_pixels_and_reports_both_protocols(digits, tmp_path):
     session.save(tmp_path / "paper.state")
     restored = Session.load(tmp_path / "paper.state")
     probe = split.test.images[:200]
+    assert np.array_equal(restored.predict(probe).scores, session.predict(probe).scores)
+
+
+def test_herding_memory_session_learns_the_tenth_digit_and_reloads(digits, tmp_path, record_property):
+    cfg = with_overrides(digits["cfg"], {"memory.policy": "herding"})
+    split, classifier = digits["split"], digits["classifier"]
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, torch.device("cpu"))
+    assert sorted(np.bincount(memory.labels)) == [11] * 8 + [12]  # 100 over nine known digits
+    held_back = {image.tobytes() for image in split.calibration.images}
+    assert all(image.tobytes() in held_back for image in memory.images)
+    assert {image.tobytes() for image in memory.images} != {image.tobytes() for image in digits["memory"].images}
+    session = Session(cfg, classifier, split.known_classes, memory, "9", device="cpu")
+    adapt_session(session, stream, progress=False)
+    test = embed(classifier, split.test, torch.device("cpu"), keep_images=session.keep_pixels)
+    routing = session_accuracy(session, test, split.test.labels, 200)["per_sample"]
+    record_property("single_head_acc_per_sample", routing.accuracy)
+    assert routing.accuracy >= 0.85
+    assert session.memory.policy == "herding" and session.memory.size == cfg.memory.budget
+    session.save(tmp_path / "session.state")
+    restored = Session.load(tmp_path / "session.state")
+    probe = split.test.images[:200]
+    assert restored.memory.policy == "herding"
     assert np.array_equal(restored.predict(probe).scores, session.predict(probe).scores)

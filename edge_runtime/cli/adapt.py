@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     split = prepare_data(cfg, args.progress).split
     classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
-    memory, stream = adaptation_data(cfg, split, split.novel_train)
+    memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, device)
     session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device=device)
     rounds: list[RoundReport] = []
 

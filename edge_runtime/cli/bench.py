@@ -180,7 +180,7 @@ def measure_novel_class(cfg: RunConfig, name: str, budgets: tuple[int, ...], cla
     metrics = {metric_key("idd_acc", tag, name): float((test.logits[known].argmax(dim=1).numpy() == labels[known]).mean())}
     for budget in budgets:
         budget_cfg = with_overrides(cfg, {"memory.budget": budget})
-        memory, stream = adaptation_data(budget_cfg, split, split.novel_train)
+        memory, stream = adaptation_data(budget_cfg, split, split.novel_train, classifier, device)
         session = Session(budget_cfg, classifier, split.known_classes, memory, name, device=device)
         seconds = adapt_session(session, stream, progress)
         with tempfile.TemporaryDirectory() as scratch:

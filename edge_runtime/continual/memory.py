@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.continual.herding import balanced_quotas, herding_selection
 from edge_runtime.data.arrays import ImageSet
 from edge_runtime.data.transforms import to_tensor
 from edge_runtime.detectors.base import Observations
 from edge_runtime.errors import InputError, StateError
 
-POLICIES = ("reservoir", "class_balanced")
+POLICIES = ("reservoir", "class_balanced", "herding")
+FEATURE_POLICIES = ("herding",)  # select by the stored features, so need embedding_dims
+ARRAYS = ("images", "features", "logits", "stats", "labels")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ class RehearsalMemory:
     """A fixed-budget store of labelled samples filled by a selection policy.
 
     `reservoir` keeps a uniform sample of everything offered (Vitter's algorithm R);
-    `class_balanced` keeps equal shares per class, evicting from the largest class first.
+    `class_balanced` keeps equal shares per class, evicting from the largest class first;
+    `herding` keeps the same shares, each class's chosen by herding on the stored features from
+    what it holds and what is offered (see `herding`), and needs `embedding_dims`. Herded samples
+    sit near their class mean, so a memory of them under-represents the class's spread: thresholds
+    calibrated on it flag more known inputs than their target rate.
     `image_shape` None stores no pixels; `embedding_dims` (D, C) also stores features [D] and
     logits [C] per sample, and `stats_dim` S layer statistics [S] (Observations.stats) with them.
     """
@@ -50,6 +57,8 @@ class RehearsalMemory:
             raise ValueError("a memory must store images, embeddings or both")
         if stats_dim is not None and embedding_dims is None:
             raise ValueError("layer statistics are stored with embeddings: give embedding_dims too")
+        if policy in FEATURE_POLICIES and embedding_dims is None:
+            raise ValueError("the herding policy selects by features: give embedding_dims")
         self.budget = budget
         self.policy = policy
         self.images = None if image_shape is None else np.zeros((budget, *image_shape), dtype=np.uint8)
@@ -74,6 +83,9 @@ class RehearsalMemory:
             if values is not None and (len(values) != len(labels) or values.shape[1:] != stored.shape[1:]):
                 raise InputError(f"memory {name} must be [{len(labels)}, {', '.join(map(str, stored.shape[1:]))}] "
                                  f"for {len(labels)} labels, got {tuple(values.shape)}")
+        if self.policy in FEATURE_POLICIES:
+            self._herd({**rows, "labels": np.asarray(labels)})
+            return
         for index, label in enumerate(labels):
             slot = self._slot_for(int(label))
             self.seen += 1
@@ -84,6 +96,25 @@ class RehearsalMemory:
                 if values is not None:
                     getattr(self, name)[slot] = values[index]
             self._working_copy = None
+
+    def _herd(self, offered: dict[str, np.ndarray | None]) -> None:
+        """Re-choose every class's quota by herding over its stored and offered samples."""
+        if len(offered["labels"]) == 0:
+            return
+        candidates = {name: np.concatenate([getattr(self, name)[: self.size], offered[name]])
+                      for name in ARRAYS if getattr(self, name) is not None}
+        labels = candidates["labels"]
+        self.seen += len(offered["labels"])
+        quotas = balanced_quotas(np.bincount(labels), self.budget)
+        kept = []
+        for label in np.flatnonzero(quotas):
+            rows = np.flatnonzero(labels == label)
+            kept.append(rows[herding_selection(candidates["features"][rows], int(quotas[label]))])
+        kept = np.concatenate(kept)
+        for name, values in candidates.items():
+            getattr(self, name)[: len(kept)] = values[kept]
+        self.size = len(kept)
+        self._working_copy = None
 
     def _slot_for(self, label: int) -> int | None:
         if self.size < self.budget:
@@ -129,8 +160,7 @@ class RehearsalMemory:
     @property
     def nbytes(self) -> int:
         """Host bytes held by the stored arrays (the whole budget is allocated up front)."""
-        arrays = (self.images, self.features, self.logits, self.stats, self.labels)
-        return sum(array.nbytes for array in arrays if array is not None)
+        return sum(getattr(self, name).nbytes for name in ARRAYS if getattr(self, name) is not None)
 
     def footprint(self) -> Footprint:
         """The stored arrays plus the working copy handed to detectors, by where they live."""
@@ -144,7 +174,7 @@ class RehearsalMemory:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: stored rows, counters and the policy's random state."""
         arrays = {name: torch.from_numpy(getattr(self, name).copy())
-                  for name in ("images", "features", "logits", "stats", "labels") if getattr(self, name) is not None}
+                  for name in ARRAYS if getattr(self, name) is not None}
         return {"budget": self.budget, "policy": self.policy, "size": self.size, "seen": self.seen,
                 "rng": self._rng.bit_generator.state, "arrays": arrays}
 
