@@ -40,9 +40,9 @@ class RehearsalMemory:
     `reservoir` keeps a uniform sample of everything offered (Vitter's algorithm R);
     `class_balanced` keeps equal shares per class, evicting from the largest class first;
     `herding` keeps the same shares, each class's chosen by herding on the stored features from
-    what it holds and what is offered (see `herding`), and needs `embedding_dims`. Herded samples
-    sit near their class mean, so a memory of them under-represents the class's spread: thresholds
-    calibrated on it flag more known inputs than their target rate.
+    what it holds and what is offered (see `herding`), and needs `embedding_dims`. A herded memory
+    is not a uniform sample of its classes, so the false-alarm rate a threshold is calibrated to on
+    it need not hold on live inputs (README, "Memory policies": on CIFAR-10 it flagged fewer).
     `image_shape` None stores no pixels; `embedding_dims` (D, C) also stores features [D] and
     logits [C] per sample, and `stats_dim` S layer statistics [S] (Observations.stats) with them.
     """
