@@ -18,6 +18,13 @@ def _result(out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+def _run_digits_study(script: str, trained: Path, out: Path, *extra: str) -> dict:
+    """Run a benchmark script on the digits config with the trained classifier; its result.json."""
+    assert load_benchmark(script).main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), *extra,
+                                        "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
+    return _result(out)
+
+
 @pytest.mark.parametrize("command", [[], *([name] for name in SUBCOMMANDS)])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as done:
@@ -106,11 +113,8 @@ def test_demo_runs_the_whole_pipeline_through_the_console_script(tmp_path):
 
 
 def test_pu_ceiling_puts_the_label_free_heads_beside_heads_trained_on_the_stream_labels(trained, tmp_path, check_results):
-    bench = load_benchmark("pu_ceiling")
     out = tmp_path / "ceiling"
-    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
-                       "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
-    metrics = _result(out)["metrics"]
+    metrics = _run_digits_study("pu_ceiling", trained, out)["metrics"]
     methods = ("memory_pu", "stream_labels")
     assert set(metrics) == {f"{family}/{protocol}/{method}/digits-9_vs_9" for method in methods
                             for protocol in ("per_sample", "homogeneous_batches")
@@ -156,11 +160,8 @@ def test_evaluate_runs_only_the_self_supervised_modes_asked_for(trained, tmp_pat
 
 
 def test_react_percentile_selection_reads_the_clipping_cost_on_held_back_images(trained, tmp_path, check_results):
-    bench = load_benchmark("react_percentile_selection")
     out = tmp_path / "react"
-    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
-                       "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
-    metrics = _result(out)["metrics"]
+    metrics = _run_digits_study("react_percentile_selection", trained, out)["metrics"]
     shares = [metrics[f"clipped_share/p{p}/digits-9"] for p in ("90", "95", "99", "99_9", "100")]
     # The clip is a percentile of the training features: about that share of held-back values lies above it.
     assert shares[0] == pytest.approx(0.10, abs=0.05) and shares[-1] <= 0.01 and shares == sorted(shares, reverse=True)
@@ -173,9 +174,7 @@ def test_layer_stats_selection_reports_the_label_free_criterion_per_layer_set(tr
     bench = load_benchmark("layer_stats_selection")
     assert bench.parse_candidates("none, stage1+stage2") == {"none": (), "stage1+stage2": ("stage1", "stage2")}
     out = tmp_path / "selection"
-    assert bench.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), "--candidates",
-                       "none,stage1+stage2", "--classifier", str(trained / "classifier.safetensors"), *QUICK]) == 0
-    metrics = _result(out)["metrics"]
+    metrics = _run_digits_study("layer_stats_selection", trained, out, "--candidates", "none,stage1+stage2")["metrics"]
     assert set(metrics) == {f"{metric}/{candidate}/digits-9_vs_9" for metric in ("pu_separation", "stream_auroc")
                             for candidate in ("none", "stage1-and-stage2")}
     # The stream holds known digits and 9s in a fixed mix: a separating head gives both well above chance.
