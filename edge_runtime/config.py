@@ -158,12 +158,17 @@ class ModelConfig:
     final_layer: str = _field("fc", description="attribute path of the final nn.Linear inside the model")
     mirror_average: bool = _field(False, description="read every image as the mean of its and its mirror image's "
                                   "outputs: more accurate where mirroring keeps the label, at twice the backbone's cost")
+    shift_average: int = _field(0, ge=0, le=8, description="pixels: also read every view moved this far left and "
+                                "right (reflect-padded, as the training's shifts), averaging three times the views "
+                                "at three times the backbone's cost; 0 reads them where they are")
 
     def __attrs_post_init__(self) -> None:
         if self.arch == "custom" and not self.factory:
             raise _Refusal("arch 'custom' needs factory: 'package.module:function'")
         if self.factory and self.arch != "custom":
             raise _Refusal("factory is only used with arch 'custom'")
+        if self.shift_average >= self.input_size:
+            raise _Refusal(f"shift_average {self.shift_average} must be smaller than input_size {self.input_size}")
 
 
 @_section

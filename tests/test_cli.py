@@ -9,6 +9,7 @@ import pytest
 
 from benchmark_script import load_benchmark
 from edge_runtime.cli.main import SUBCOMMANDS, main
+from edge_runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--no-progress", "--set", "train.epochs=3", "--set", "detector.binary.epochs=3"]
@@ -167,6 +168,20 @@ def test_react_percentile_selection_reads_the_clipping_cost_on_held_back_images(
     assert shares[0] == pytest.approx(0.10, abs=0.05) and shares[-1] <= 0.01 and shares == sorted(shares, reverse=True)
     # Clipping at the largest training activation hardly changes a prediction.
     assert metrics["calibration_acc/p100/digits-9"] == pytest.approx(metrics["calibration_acc/unclipped/digits-9"], abs=0.01)
+    check_results(out)
+
+
+def test_view_selection_reports_each_reading_on_the_held_back_images(trained, tmp_path, check_results):
+    bench = load_benchmark("view_selection")
+    assert bench.readings("1") == {"one_view": (False, 0), "mirror_average": (True, 0), "mirror_shift_1": (True, 1)}
+    with pytest.raises(ConfigError, match="positive"):
+        bench.readings("0")
+    out = tmp_path / "views"
+    metrics = _run_digits_study("view_selection", trained, out, "--shifts", "1")["metrics"]
+    accuracies = [metrics[f"calibration_acc/{reading}/digits-9"] for reading in ("one_view", "mirror_average", "mirror_shift_1")]
+    assert accuracies[0] > 0.85  # the digits classifier as trained
+    # Digits are not mirror-symmetric, and a classifier trained without flips loses on mirrored views.
+    assert accuracies[1] < accuracies[0]
     check_results(out)
 
 

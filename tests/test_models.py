@@ -76,6 +76,39 @@ def test_mirror_average_reads_each_image_and_its_mirror(digits, arch, size, chan
         torch.testing.assert_close(mirrored(x), single(x))  # forward (what training calls) stays one view
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_shift_average_adds_each_view_moved_left_and_right(digits, mirror):
+    """With shifts the outputs are the means over every view moved 0, +s and -s pixels (the
+    uncovered edge reflected, as training pads), mirrored ones included; the final layer still maps
+    the features to the logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="small_cnn", input_size=8, in_channels=1, width=8, mirror_average=mirror)
+    single = build_classifier(ModelConfig(arch="small_cnn", input_size=8, in_channels=1, width=8),
+                              9, (0.3,), (0.4,)).eval()
+    shifting = build_classifier(evolve_config(cfg, shift_average=2), 9, (0.3,), (0.4,)).eval()
+    shifting.load_state_dict(single.state_dict())
+    assert shifting.view_count == (6 if mirror else 3)
+    x = _pixels(digits, 8, 1, 5)
+    padded = F.pad(x, (2, 2, 0, 0), mode="reflect")
+    right, left = padded[..., :8], padded[..., 4:]
+    torch.testing.assert_close(right[..., 2:], x[..., :6])  # content moved two columns right
+    torch.testing.assert_close(left[..., :6], x[..., 2:])
+    torch.testing.assert_close(right[..., 0], x[..., 2])  # the uncovered edge reflected
+    views = [x, right, left] + ([x.flip(3), right.flip(3), left.flip(3)] if mirror else [])
+    with torch.no_grad():
+        expected = [torch.stack([single.embed(view)[k] for view in views]).mean(dim=0) for k in (0, 1)]
+        features, logits = shifting.embed(x)
+        torch.testing.assert_close(features, expected[0])
+        torch.testing.assert_close(logits, expected[1])
+        torch.testing.assert_close(logits, shifting.final_linear(features))
+        assert not torch.allclose(logits, single.embed(x)[1])  # the shifted views did change the reading
+
+
+def test_shift_as_wide_as_the_image_is_refused():
+    with pytest.raises(ConfigError, match="shift_average 8 must be smaller than input_size 8"):
+        ModelConfig(arch="small_cnn", input_size=8, shift_average=8)
+
+
 def test_built_in_arch_rejects_other_final_layer_name():
     with pytest.raises(ConfigError, match="model.final_layer"):
         build_classifier(ModelConfig(final_layer="head"), 9, (0.3,), (0.4,))

@@ -48,6 +48,16 @@ def test_mirror_averaging_is_how_weights_are_read_not_what_they_are(saved):
         torch.testing.assert_close(loaded.embed(x)[1], (classifier(x) + classifier(x.flip(3))) / 2)
 
 
+def test_shift_averaging_is_how_weights_are_read_not_what_they_are(saved):
+    """Likewise for shifted views: the saved weights serve a config that reads three views."""
+    path, classifier, known = saved
+    loaded, _ = load_classifier(path, evolve_config(CFG, shift_average=1))
+    x = to_tensor(known.images[:32])
+    assert loaded.view_count == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x)[1], classifier.embed(loaded.views(x))[1].unflatten(0, (3, -1)).mean(0))
+
+
 def _with_model_metadata(saved_path, path, model_json: str):
     """A copy of the saved classifier whose stored model config is `model_json`."""
     from safetensors import safe_open

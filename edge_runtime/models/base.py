@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edge_runtime.errors import ConfigError
 
@@ -30,16 +31,20 @@ class FrozenClassifier(nn.Module):
     closed form) and the logits, captured with a forward hook so user models need no changes.
     With `mirror_average` every output `embed` gives is the mean over the image and its mirror
     image (one forward pass of both): a classifier trained with random flips knows both views,
-    and their mean judges each input more reliably than either. Features stay the input of the final layer
-    (the mean of the two views' inputs gives the mean of their logits), so the gradient closed
-    form holds unchanged. `forward` stays one view: it is what training calls.
+    and their mean judges each input more reliably than either. `shift_average` (pixels, 0 = off)
+    likewise adds each view moved that far left and right, as the training's random shifts move
+    images, tripling the views. Features stay the input of the final layer (the mean of the views'
+    inputs gives the mean of their logits), so the gradient closed form holds unchanged. `forward`
+    stays one view: it is what training calls.
     """
 
-    def __init__(self, network: nn.Module, final_layer: str = "fc", mirror_average: bool = False) -> None:
+    def __init__(self, network: nn.Module, final_layer: str = "fc", mirror_average: bool = False,
+                 shift_average: int = 0) -> None:
         super().__init__()
         self.network = network
         self.final_layer_name = final_layer
         self.mirror_average = mirror_average
+        self.shift_average = shift_average
         layer = network.get_submodule(final_layer)
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"final_layer {final_layer!r} is a {type(layer).__name__}, not an nn.Linear")
@@ -103,13 +108,27 @@ class FrozenClassifier(nn.Module):
                 handle.remove()
         features = final_inputs[0].flatten(1)
         stats = torch.cat([_channel_stats(name, outputs[name]) for name in stat_layers], dim=1) if stat_layers else None
-        if not self.mirror_average:
+        count = self.view_count
+        if count == 1:
             return features, logits, stats
-        return _mean_of_views(features), _mean_of_views(logits), None if stats is None else _mean_of_views(stats)
+        return (_mean_of_views(features, count), _mean_of_views(logits, count),
+                None if stats is None else _mean_of_views(stats, count))
+
+    @property
+    def view_count(self) -> int:
+        """How many views of each image the network runs: 1, 2 (mirror), 3 (shifts) or 6 (both)."""
+        return (2 if self.mirror_average else 1) * (3 if self.shift_average else 1)
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        """The batch the network runs for `x` [B, ...]: x itself, or [x; mirror(x)] ([2B, ...]) when mirroring."""
-        return torch.cat([x, x.flip(-1)]) if self.mirror_average else x
+        """The batch the network runs for `x` [B, ...]: `view_count` blocks of B, view-major.
+
+        x itself; then its mirror when mirroring; then all of those moved `shift_average` pixels
+        right, then left, when shifting.
+        """
+        base = torch.cat([x, x.flip(-1)]) if self.mirror_average else x
+        if not self.shift_average:
+            return base
+        return torch.cat([base, _shifted(base, self.shift_average), _shifted(base, -self.shift_average)])
 
     def _stat_layer(self, name: str) -> nn.Module:
         try:
@@ -120,10 +139,19 @@ class FrozenClassifier(nn.Module):
                               f"(its top-level modules: {top})") from None
 
 
-def _mean_of_views(both: torch.Tensor) -> torch.Tensor:
-    """[B, ...] from the [2B, ...] outputs of `FrozenClassifier.views`: each image's and its mirror's mean."""
-    direct, mirrored = both.chunk(2)
-    return (direct + mirrored) / 2
+def _mean_of_views(outputs: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, ...] from the [count x B, ...] outputs of `FrozenClassifier.views`: each image's mean over its views."""
+    return outputs.unflatten(0, (count, -1)).mean(dim=0)
+
+
+def _shifted(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """[B, C, H, W] moved `pixels` to the right (left when negative), the uncovered edge reflected
+    as the training's shift augmentation pads it."""
+    size = abs(pixels)
+    width = images.shape[-1]
+    padded = F.pad(images, (size, size, 0, 0), mode="reflect")
+    start = 0 if pixels > 0 else 2 * size
+    return padded[..., start:start + width]
 
 
 def _channel_stats(name: str, outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -64,9 +64,9 @@ def load_classifier(path: str | os.PathLike, model_cfg: ModelConfig) -> tuple[Fr
 
 
 def _architecture(model_cfg: ModelConfig) -> ModelConfig:
-    """The fields that decide what the weights are; `mirror_average` only says how they are read,
-    so weights trained under either setting serve under the other."""
-    return attrs.evolve(model_cfg, mirror_average=False)
+    """The fields that decide what the weights are; `mirror_average` and `shift_average` only say
+    how they are read, so weights trained under any setting serve under any other."""
+    return attrs.evolve(model_cfg, mirror_average=False, shift_average=0)
 
 
 def _saved_model_config(path: str | os.PathLike, metadata: dict[str, str]) -> ModelConfig:

@@ -41,7 +41,7 @@ def build_classifier(cfg: ModelConfig, num_classes: int, mean: tuple[float, ...]
         network = FastNet(num_classes, cfg.in_channels, cfg.width, mean, std)
     else:
         network = CifarResNet(cfg.arch, num_classes, cfg.in_channels, mean, std)
-    return FrozenClassifier(network, BUILT_IN_FINAL_LAYER, cfg.mirror_average)
+    return FrozenClassifier(network, BUILT_IN_FINAL_LAYER, cfg.mirror_average, cfg.shift_average)
 
 
 def _build_custom(cfg: ModelConfig, num_classes: int, mean: tuple[float, ...],
@@ -74,4 +74,4 @@ def _build_custom(cfg: ModelConfig, num_classes: int, mean: tuple[float, ...],
         raise ConfigError(f"model.factory {spec!r} built a final layer with {final.out_features} outputs "
                           f"for {num_classes} classes")
     wrapped = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), model=network))
-    return FrozenClassifier(wrapped, f"model.{cfg.final_layer}", cfg.mirror_average)
+    return FrozenClassifier(wrapped, f"model.{cfg.final_layer}", cfg.mirror_average, cfg.shift_average)

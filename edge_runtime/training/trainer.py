@@ -157,8 +157,8 @@ def train_classifier(model: FrozenClassifier, train: ImageSet, cfg: TrainConfig,
 @torch.no_grad()
 def predict_logits(model: FrozenClassifier, data: ImageSet, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
-    """Logits [N, C] (float32, on the CPU) as the runtime reads them (`embed`, mirror-averaged
-    when the classifier is), with the model in eval mode on `device`."""
+    """Logits [N, C] (float32, on the CPU) as the runtime reads them (`embed`, averaged over the
+    classifier's views), with the model in eval mode on `device`."""
     model.eval().to(device)
     outputs = []
     for start in range(0, len(data), batch_size):
