@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = readings(args.shifts)
     cfg = config_from_args(args)
+    widest = max(shift for _, shift in chosen.values())
+    if widest >= cfg.model.input_size:
+        parser.error(f"--shifts: {widest} pixels is not smaller than the {cfg.model.input_size}-pixel images")
     device = resolve_device(cfg.device)
     out = output_dir(args.out)
     split = prepare_data(cfg, args.progress).split
