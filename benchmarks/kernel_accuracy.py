@@ -30,8 +30,7 @@ import torch  # noqa: E402
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.detectors.grad_mahalanobis import GradientMahalanobis  # noqa: E402
-from edge_runtime.device import resolve_device  # noqa: E402
-from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.experiment import embed, start_classifier_run  # noqa: E402
 from edge_runtime.metrics import ood_metrics  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 from kernels.cuda_build import cuda_last_layer_scores, cuda_precision_refusal  # noqa: E402
@@ -71,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 2:
         parser.error(f"--samples must be at least 2, got {args.samples}")
     cfg = config_from_args(args)
-    device = resolve_device(cfg.device)
-    split = prepare_data(cfg, args.progress).split
-    classifier = obtain_classifier(cfg, split, device, output_dir(args.out), args.classifier, args.progress)
+    run = start_classifier_run(cfg, args.out, args.classifier, args.progress)
+    split, classifier, device = run.split, run.classifier, run.device
     detector = GradientMahalanobis(classifier, cfg.detector).fit(
         embed(classifier, split.train, device, keep_images=False), torch.from_numpy(split.train.labels))
     pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(split.test))[:args.samples])
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     references = {mode: last_layer_scores(features.double().cpu(), test.logits.double().cpu().softmax(dim=1),
                                           labels.cpu(), means, precision) for mode, labels in label_modes.items()}
     reference_auroc = ood_metrics(references["predicted"][~is_novel].numpy(), references["predicted"][is_novel].numpy())["auroc"]
-    tag = f"{dataset_tag(cfg, split)}_k{precision.shape[0]}"
+    tag = f"{run.tag}_k{precision.shape[0]}"
     metrics = {metric_key("auroc", "float64", tag): reference_auroc}
     rows = []
     paths = scoring_paths(device)

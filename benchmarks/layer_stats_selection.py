@@ -28,9 +28,8 @@ from tqdm import tqdm  # noqa: E402
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import RunConfig, config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.data.arrays import ImageSet  # noqa: E402
-from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.evaluation import ood_targets, whole_stream  # noqa: E402
-from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.experiment import embed, start_classifier_run  # noqa: E402
 from edge_runtime.detectors.self_supervised import SelfSupervisedDetector  # noqa: E402
 from edge_runtime.errors import ConfigError  # noqa: E402
 from edge_runtime.metrics import ood_metrics  # noqa: E402
@@ -71,28 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     candidates = parse_candidates(args.candidates)
-    device = resolve_device(cfg.device)
-    out = output_dir(args.out)
-    data = prepare_data(cfg, args.progress)
-    classifier = obtain_classifier(cfg, data.split, device, out, args.classifier, args.progress)
-    tag = dataset_tag(cfg, data.split)
+    run = start_classifier_run(cfg, args.out, args.classifier, args.progress)
+    classifier, device = run.classifier, run.device
     metrics, rows = {}, []
-    targets = ood_targets(data.split, data.ood_sets, cfg.seed)
+    targets = ood_targets(run.split, run.data.ood_sets, cfg.seed)
     bar = tqdm(total=len(targets) * len(candidates), desc="layer sets", disable=not args.progress)
     for target in targets:
-        memory, stream = whole_stream(cfg, data.split, target.stream_pool, classifier, device)
+        memory, stream = whole_stream(cfg, run.split, target.stream_pool, classifier, device)
         for name, layers in candidates.items():
             values = separation(cfg, classifier, memory, stream, layers, device)
             candidate = name.replace("+", "-and-")
-            metrics |= {metric_key(metric, candidate, f"{tag}_vs_{target.name}"): value
+            metrics |= {metric_key(metric, candidate, f"{run.tag}_vs_{target.name}"): value
                         for metric, value in values.items()}
             rows.append([target.name, name, values["pu_separation"], values["stream_auroc"]])
             bar.update()
     bar.close()
-    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/layer_stats_selection.py "
+    write_result(run.out, config_to_dict(cfg), metrics, device, "python benchmarks/layer_stats_selection.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["target", "layer_stats", "pu_separation (criterion)", "stream_auroc (record)"]))
-    print(f"results in {out / 'result.json'}")
+    print(f"results in {run.out / 'result.json'}")
     return 0
 
 

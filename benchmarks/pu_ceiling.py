@@ -37,9 +37,8 @@ from edge_runtime.config import config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.data.arrays import ImageSet  # noqa: E402
 from edge_runtime.detectors.base import PROTOCOLS, Observations  # noqa: E402
 from edge_runtime.detectors.self_supervised import SelfSupervisedDetector  # noqa: E402
-from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.evaluation import embed_as_kept, ood_targets, score_by_protocol, whole_stream  # noqa: E402
-from edge_runtime.experiment import dataset_tag, known_test_set, obtain_classifier, output_dir, prepare_data  # noqa: E402
+from edge_runtime.experiment import known_test_set, start_classifier_run  # noqa: E402
 from edge_runtime.metrics import ood_metrics  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 
@@ -53,19 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     cfg = evolve_config(cfg, detector=evolve_config(cfg.detector, ssl_mode="memory_pu"))
-    device = resolve_device(cfg.device)
-    out = output_dir(args.out)
-    data = prepare_data(cfg, args.progress)
-    split = data.split
-    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
-    tag = dataset_tag(cfg, split)
+    run = start_classifier_run(cfg, args.out, args.classifier, args.progress)
+    split, classifier, device = run.split, run.classifier, run.device
 
     def embedded(images: ImageSet) -> Observations:
         return embed_as_kept(cfg.detector, classifier, images, device)
 
     known_test = embedded(known_test_set(split))
     metrics, rows = {}, []
-    targets = ood_targets(split, data.ood_sets, cfg.seed)
+    targets = ood_targets(split, run.data.ood_sets, cfg.seed)
     for target in tqdm(targets, desc="targets", disable=not args.progress):
         memory, stream = whole_stream(cfg, split, target.stream_pool, classifier, device)
         stream_obs = embedded(stream)
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         detectors["memory_pu"].observe(stream_obs)
         detectors["stream_labels"].fit_confirmed(stream_obs, novel)
         target_test = embedded(target.test)
-        pair = f"{tag}_vs_{target.name}"
+        pair = f"{run.tag}_vs_{target.name}"
         for name, detector in detectors.items():
             row = [target.name, name]
             for protocol in PROTOCOLS:
@@ -96,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics[metric_key("novel_share", name, pair)] = detector.novel_share
             metrics[metric_key("memory_vs_stream_known_auroc", name, pair)] = bias
             rows.append(row + [detector.novel_share, bias])
-    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/pu_ceiling.py "
+    write_result(run.out, config_to_dict(cfg), metrics, device, "python benchmarks/pu_ceiling.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["target", "heads trained on", *(f"AUROC {p}" for p in PROTOCOLS),
                               f"known flagged (target {cfg.detector.target_fpr})", "novel flagged",
                               "novel share (estimated / true)", "memory vs stream's known, out of fold"]))
-    print(f"IDD (known test images) is the positive class of AUROC; results in {out / 'result.json'}")
+    print(f"IDD (known test images) is the positive class of AUROC; results in {run.out / 'result.json'}")
     return 0
 
 

@@ -26,9 +26,7 @@ import torch  # noqa: E402
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
 from edge_runtime.detectors.react import ReActDetector  # noqa: E402
-from edge_runtime.device import resolve_device  # noqa: E402
-from edge_runtime.experiment import (  # noqa: E402
-    dataset_tag, embed, held_back_known_set, obtain_classifier, output_dir, prepare_data)
+from edge_runtime.experiment import embed, held_back_known_set, start_classifier_run  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 
 PERCENTILES = (90.0, 95.0, 99.0, 99.9, 100.0)
@@ -40,12 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     add_classifier_argument(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    device = resolve_device(cfg.device)
-    out = output_dir(args.out)
-    split = prepare_data(cfg, args.progress).split
+    run = start_classifier_run(cfg, args.out, args.classifier, args.progress, needs_held_back=True)
+    split, classifier, device, tag = run.split, run.classifier, run.device, run.tag
     calibration = held_back_known_set(split)
-    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
-    tag = dataset_tag(cfg, split)
     known = embed(classifier, split.train, device, keep_images=False)
     held_back = embed(classifier, calibration, device, keep_images=False)
     labels = torch.from_numpy(calibration.labels)
@@ -61,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics[metric_key("calibration_acc", reading, tag)] = accuracy
         metrics[metric_key("clipped_share", reading, tag)] = share
         rows.append([f"{percentile:g}", f"{clip:.4g}", f"{share:.3f}", f"{accuracy:.4f}"])
-    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/react_percentile_selection.py "
+    write_result(run.out, config_to_dict(cfg), metrics, device, "python benchmarks/react_percentile_selection.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["percentile", "clip", "clipped share",
                               f"accuracy on {len(calibration)} held-back known training images"]))
-    print(f"results in {out / 'result.json'}")
+    print(f"results in {run.out / 'result.json'}")
     return 0
 
 

@@ -22,10 +22,8 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
 from edge_runtime.config import config_to_dict  # noqa: E402
-from edge_runtime.device import resolve_device  # noqa: E402
 from edge_runtime.errors import ConfigError  # noqa: E402
-from edge_runtime.experiment import (  # noqa: E402
-    dataset_tag, held_back_known_set, obtain_classifier, output_dir, prepare_data)
+from edge_runtime.experiment import held_back_known_set, start_classifier_run  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
 from edge_runtime.training.trainer import evaluate_accuracy  # noqa: E402
 
@@ -53,22 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     widest = max(shift for _, shift in chosen.values())
     if widest >= cfg.model.input_size:
         parser.error(f"--shifts: {widest} pixels is not smaller than the {cfg.model.input_size}-pixel images")
-    device = resolve_device(cfg.device)
-    out = output_dir(args.out)
-    split = prepare_data(cfg, args.progress).split
-    calibration = held_back_known_set(split)
-    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
-    tag = dataset_tag(cfg, split)
+    run = start_classifier_run(cfg, args.out, args.classifier, args.progress, needs_held_back=True)
+    calibration, classifier, tag = held_back_known_set(run.split), run.classifier, run.tag
     metrics, rows = {}, []
     for reading, (mirrored, shift) in chosen.items():
         classifier.mirror_average, classifier.shift_average = mirrored, shift
-        accuracy = evaluate_accuracy(classifier, calibration, device)
+        accuracy = evaluate_accuracy(classifier, calibration, run.device)
         metrics[metric_key("calibration_acc", reading, tag)] = accuracy
         rows.append([reading, classifier.view_count, accuracy])
-    write_result(out, config_to_dict(cfg), metrics, device, "python benchmarks/view_selection.py "
+    write_result(run.out, config_to_dict(cfg), metrics, run.device, "python benchmarks/view_selection.py "
                  + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_table(rows, ["reading", "backbone passes", f"accuracy on {len(calibration)} held-back known training images"]))
-    print(f"results in {out / 'result.json'}")
+    print(f"results in {run.out / 'result.json'}")
     return 0
 
 

@@ -18,6 +18,7 @@ from edge_runtime.data.loader import load_split
 from edge_runtime.data.splits import NovelClassSplit, split_novel_class
 from edge_runtime.data.transforms import conform, to_tensor
 from edge_runtime.detectors.base import Observations
+from edge_runtime.device import resolve_device
 from edge_runtime.errors import DataError, StateError
 from edge_runtime.models.base import FrozenClassifier
 from edge_runtime.models.persistence import load_classifier, save_classifier
@@ -131,3 +132,33 @@ def obtain_classifier(cfg: RunConfig, split: NovelClassSplit, device: torch.devi
         raise StateError(f"{saved} was trained on classes {list(classes)}, but this run's known classes are "
                          f"{list(split.known_classes)}")
     return classifier.to(device)
+
+
+@dataclass(frozen=True)
+class ClassifierRun:
+    """Where a command that reads the frozen classifier starts: its device, output folder, data,
+    classifier and the tag its metrics are named with."""
+
+    device: torch.device
+    out: Path
+    data: PreparedData
+    classifier: FrozenClassifier
+    tag: str
+
+    @property
+    def split(self) -> NovelClassSplit:
+        return self.data.split
+
+
+def start_classifier_run(cfg: RunConfig, out: str | Path, saved: str | None, progress: bool = True,
+                         needs_held_back: bool = False) -> ClassifierRun:
+    """Resolve the device, make the output folder, prepare the data and load the classifier at
+    `saved` (or train one into the output folder): the opening every such command shares. With
+    `needs_held_back`, an empty calibration split is refused before any classifier is trained."""
+    device = resolve_device(cfg.device)
+    out_dir = output_dir(out)
+    data = prepare_data(cfg, progress)
+    if needs_held_back:
+        held_back_known_set(data.split)
+    classifier = obtain_classifier(cfg, data.split, device, out_dir, saved, progress)
+    return ClassifierRun(device, out_dir, data, classifier, dataset_tag(cfg, data.split))

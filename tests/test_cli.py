@@ -9,7 +9,7 @@ import pytest
 
 from benchmark_script import load_benchmark
 from edge_runtime.cli.main import SUBCOMMANDS, main
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--no-progress", "--set", "train.epochs=3", "--set", "detector.binary.epochs=3"]
@@ -183,6 +183,25 @@ def test_view_selection_reports_each_reading_on_the_held_back_images(trained, tm
     # Digits are not mirror-symmetric, and a classifier trained without flips loses on mirrored views.
     assert accuracies[1] < accuracies[0]
     check_results(out)
+
+
+def test_view_selection_refuses_a_shift_as_wide_as_the_images_before_any_work(tmp_path, capsys):
+    out = tmp_path / "views"
+    with pytest.raises(SystemExit) as refused:
+        load_benchmark("view_selection").main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                                               "--shifts", "1,8", *QUICK])
+    assert refused.value.code == 2
+    assert "8 pixels is not smaller than the 8-pixel images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["view_selection", "react_percentile_selection"])
+def test_held_back_studies_refuse_an_empty_calibration_split_before_training(script, tmp_path):
+    out = tmp_path / script
+    with pytest.raises(DataError, match="calibration split is empty"):
+        load_benchmark(script).main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                                     "--set", "data.calibration_holdout=0", *QUICK])
+    assert not (out / "classifier.safetensors").exists()
 
 
 def test_layer_stats_selection_reports_the_label_free_criterion_per_layer_set(trained, tmp_path, check_results):

@@ -13,10 +13,9 @@ from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, 
 from edge_runtime.config import config_to_dict
 from edge_runtime.continual.learner import RoundReport
 from edge_runtime.detectors.base import PROTOCOLS
-from edge_runtime.device import resolve_device
 from edge_runtime.errors import ConfigError
 from edge_runtime.evaluation import adapt_session, adaptation_data, session_accuracy, session_metrics
-from edge_runtime.experiment import dataset_tag, embed, obtain_classifier, output_dir, prepare_data
+from edge_runtime.experiment import embed, start_classifier_run
 from edge_runtime.results import format_table, metric_key, write_result
 from edge_runtime.session import Session
 
@@ -35,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.data.novel_class is None and cfg.data.novel_condition is None:
         raise ConfigError("neither data.novel_class nor data.novel_condition is set: adapt needs a novel input type "
                           "for the stream to bring")
-    out = output_dir(args.out)
-    device = resolve_device(cfg.device)
-    split = prepare_data(cfg, args.progress).split
-    classifier = obtain_classifier(cfg, split, device, out, args.classifier, args.progress)
+    started = start_classifier_run(cfg, args.out, args.classifier, args.progress)
+    split, classifier, device, out = started.split, started.classifier, started.device, started.out
+    tag = started.tag
     memory, stream = adaptation_data(cfg, split, split.novel_train, classifier, device)
     session = Session(cfg, classifier, split.known_classes, memory, split.novel_class, device=device)
     rounds: list[RoundReport] = []
@@ -56,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
     test = embed(classifier, split.test, device, keep_images=session.keep_pixels, stat_layers=session.stat_layers)
     routing = session_accuracy(session, test, split.test.labels, cfg.stream.batch_size)
 
-    tag = dataset_tag(cfg, split)
     metrics = session_metrics(session, routing, seconds, state_bytes, tag, split.novel_class)
     if rounds:
         metrics[metric_key("separation_auroc", f"budget{cfg.memory.budget}", tag, split.novel_class)] = \

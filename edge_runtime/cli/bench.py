@@ -34,7 +34,7 @@ from edge_runtime.detectors.base import PROTOCOLS
 from edge_runtime.device import resolve_device
 from edge_runtime.errors import ConfigError
 from edge_runtime.evaluation import adapt_session, adaptation_data, session_accuracy, session_metrics
-from edge_runtime.experiment import CLASSIFIER_FILE, dataset_tag, embed, obtain_classifier, output_dir, prepare_data
+from edge_runtime.experiment import CLASSIFIER_FILE, embed, output_dir, start_classifier_run
 from edge_runtime.results import format_table, metric_key, write_result
 from edge_runtime.session import Session
 
@@ -99,7 +99,7 @@ def run_budget(args: argparse.Namespace) -> int:
         return 0
     every_class = novel_classes(cfg, "all")
     for name in tqdm(todo, desc="novel classes", unit="class", disable=not args.progress):
-        metrics |= measure_novel_class(cfg, name, args.budgets, classifier_root, device, args.progress)
+        metrics |= measure_novel_class(cfg, name, args.budgets, classifier_root, args.progress)
         # Written after every class, so an interrupted run keeps what it measured (see --resume).
         report = write_budget_report(out, config, metrics, cfg,
                                      [c for c in every_class if measured(metrics, c, args.budgets)], args.budgets, device)
@@ -164,14 +164,13 @@ def novel_classes(cfg: RunConfig, choice: str) -> tuple[str, ...]:
 
 
 def measure_novel_class(cfg: RunConfig, name: str, budgets: tuple[int, ...], classifier_root: Path,
-                        device: torch.device, progress: bool) -> dict[str, float]:
+                        progress: bool) -> dict[str, float]:
     """Hold `name` out, get its frozen classifier, then adapt and measure one session per budget."""
     cfg = with_overrides(cfg, {"data.novel_class": name, "ood_sets": []})  # no OOD sets: only the held-out class
-    split = prepare_data(cfg, progress).split
-    class_dir = output_dir(classifier_root / re.sub(r"[^A-Za-z0-9_.-]+", "-", name))
+    class_dir = classifier_root / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
     saved = class_dir / CLASSIFIER_FILE
-    classifier = obtain_classifier(cfg, split, device, class_dir, str(saved) if saved.exists() else None, progress)
-    tag = dataset_tag(cfg, split)
+    started = start_classifier_run(cfg, class_dir, str(saved) if saved.exists() else None, progress)
+    split, classifier, device, tag = started.split, started.classifier, started.device, started.tag
     labels = split.test.labels
     test = embed(classifier, split.test, device, keep_images=needs_pixels(cfg.detector),
                  stat_layers=stat_layers(cfg.detector))

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args
 from edge_runtime.config import RunConfig, config_to_dict
-from edge_runtime.device import resolve_device
 from edge_runtime.errors import ConfigError
 from edge_runtime.evaluation import SSL_MODES, auroc_tables, evaluate_detectors, ood_targets, router_table
-from edge_runtime.experiment import dataset_tag, known_test_set, obtain_classifier, output_dir, prepare_data
+from edge_runtime.experiment import known_test_set, start_classifier_run
 from edge_runtime.metrics import POSITIVE_CLASS_NOTE
 from edge_runtime.results import write_result
 from edge_runtime.training.trainer import evaluate_accuracy
@@ -39,14 +38,10 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_and_report(cfg: RunConfig, out: Path, classifier_path: str | None, progress: bool,
                         ssl_modes: tuple[str, ...] = SSL_MODES) -> dict[str, float]:
     """Prepare data, get the classifier, evaluate everything, write result.json and print the tables."""
-    out = output_dir(out)
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg, progress)
-    split = data.split
-    classifier = obtain_classifier(cfg, split, device, out, classifier_path, progress)
-    tag = dataset_tag(cfg, split)
+    run = start_classifier_run(cfg, out, classifier_path, progress)
+    split, classifier, device, out, tag = run.split, run.classifier, run.device, run.out, run.tag
     metrics = {f"idd_acc/{tag}": evaluate_accuracy(classifier, known_test_set(split), device)}
-    targets = ood_targets(split, data.ood_sets, cfg.seed)
+    targets = ood_targets(split, run.data.ood_sets, cfg.seed)
     metrics |= evaluate_detectors(cfg, classifier, split, targets, device, tag, out, progress, ssl_modes)
     write_result(out, config_to_dict(cfg), metrics, device)
 
