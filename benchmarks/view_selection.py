@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 from edge_runtime.cli.common import add_classifier_argument, add_run_arguments, config_from_args  # noqa: E402
-from edge_runtime.config import config_to_dict  # noqa: E402
+from edge_runtime.config import config_to_dict, evolve_config  # noqa: E402
 from edge_runtime.errors import ConfigError  # noqa: E402
 from edge_runtime.experiment import held_back_known_set, start_classifier_run  # noqa: E402
 from edge_runtime.results import format_table, metric_key, write_result  # noqa: E402
@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = readings(args.shifts)
     cfg = config_from_args(args)
-    widest = max(shift for _, shift in chosen.values())
-    if widest >= cfg.model.input_size:
-        parser.error(f"--shifts: {widest} pixels is not smaller than the {cfg.model.input_size}-pixel images")
+    try:  # each reading within the model section's own bounds (at most 8 pixels, smaller than the images)
+        for mirrored, shift in chosen.values():
+            evolve_config(cfg.model, mirror_average=mirrored, shift_average=shift)
+    except ConfigError as refusal:
+        parser.error(f"--shifts: {refusal}")
     run = start_classifier_run(cfg, args.out, args.classifier, args.progress, needs_held_back=True)
     calibration, classifier, tag = held_back_known_set(run.split), run.classifier, run.tag
     metrics, rows = {}, []

@@ -185,13 +185,18 @@ def test_view_selection_reports_each_reading_on_the_held_back_images(trained, tm
     check_results(out)
 
 
-def test_view_selection_refuses_a_shift_as_wide_as_the_images_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("config, shifts, refusal", [
+    ("digits.yaml", "1,8", "shift_average 8 must be smaller than input_size 8"),  # as wide as the images
+    ("cifar10-fastnet.yaml", "9", "shift_average: must be less than or equal to 8 (got 9)"),  # the field's bound
+])
+def test_view_selection_refuses_a_shift_the_model_section_refuses_before_any_work(config, shifts, refusal, tmp_path,
+                                                                                   capsys):
     out = tmp_path / "views"
     with pytest.raises(SystemExit) as refused:
-        load_benchmark("view_selection").main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
-                                               "--shifts", "1,8", *QUICK])
+        load_benchmark("view_selection").main(["--config", str(ROOT / "configs" / config), "--out", str(out),
+                                               "--shifts", shifts, *QUICK])
     assert refused.value.code == 2
-    assert "8 pixels is not smaller than the 8-pixel images" in capsys.readouterr().err
+    assert f"--shifts: {refusal}" in capsys.readouterr().err
     assert not out.exists()
 
 
